@@ -1,0 +1,191 @@
+"""The public verbs: :func:`optimize`, the ``"mmgen"`` backend and :func:`explain`.
+
+``optimize`` prepares the module (levers that act on the module before capture: static
+KV caches, weight_norm folding), then returns ``torch.compile(model, backend=...)`` with
+our backend bound to the config. The backend runs the ``"dynamo"`` stage passes on the
+captured graph, then hands it to Inductor's ``compile_fx`` with our per-stage
+:class:`PassManager` objects in ``config_patches``: nothing global is changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .config import OptimizeConfig
+from .graph_utils import GraphPass, PassReport
+from .pass_manager import PassManager, passes_for
+
+log = logging.getLogger("torch_mmgen_opt")
+
+__all__ = ["explain", "mmgen_backend", "optimize", "resolve_config"]
+
+
+def resolve_config(config: OptimizeConfig | None, overrides: dict[str, Any]) -> OptimizeConfig:
+    """``config`` with keyword ``overrides`` applied, validated."""
+    if config is not None and not isinstance(config, OptimizeConfig):
+        raise TypeError(f"config must be an OptimizeConfig, got {type(config).__name__}")
+    return OptimizeConfig.from_options({"config": config, **overrides})
+
+
+def _check_levers(config: OptimizeConfig) -> None:
+    """Levers that exist as fields but are not built yet must say so, never do nothing."""
+    if config.quantize is not None:
+        raise NotImplementedError("quantize: weight quantization is not implemented yet")
+    if config.layer_skip is not None:
+        raise NotImplementedError("layer_skip: LayerSkip is not implemented yet")
+    if config.static_kv:
+        raise NotImplementedError("static_kv: the static KV cache is not implemented yet")
+
+
+def _device_of_inputs(example_inputs: Sequence[Any]) -> torch.device:
+    for t in example_inputs:
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return torch.device("cpu")
+
+
+def inductor_patches(
+    config: OptimizeConfig,
+    device: torch.device,
+    report: PassReport | None = None,
+    passes: Sequence[GraphPass] | None = None,
+) -> dict[str, Any]:
+    """The ``config_patches`` for ``compile_fx``: our pass managers and compile options."""
+    from torch._inductor import list_mode_options
+
+    patches: dict[str, Any] = {}
+    for stage, key in (("joint", "joint_custom_pre_pass"), ("post_grad", "post_grad_custom_post_pass")):
+        stage_passes = (
+            [p for p in passes if p.stage == stage] if passes is not None else passes_for(config, stage)
+        )
+        if stage_passes:
+            patches[key] = PassManager(stage, stage_passes, config, report)
+    mode = config.compile.mode
+    if mode not in (None, "default"):
+        patches.update(list_mode_options(mode))
+    if config.compile.freezing is not None:
+        patches["freezing"] = config.compile.freezing
+    cuda_graphs = config.cuda_graphs
+    if cuda_graphs is None:
+        cuda_graphs = config.static_kv or mode == "reduce-overhead"
+    patches["triton.cudagraphs"] = bool(cuda_graphs) and device.type == "cuda"
+    return patches
+
+
+def mmgen_backend(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
+    config: OptimizeConfig | None = None,
+    report: PassReport | None = None,
+    passes: Sequence[GraphPass] | None = None,
+) -> Callable[..., Any]:
+    """The ``"mmgen"`` Dynamo backend.
+
+    Reached as ``torch.compile(m, backend="mmgen", mode=..., options={...})`` (``options``
+    holds :class:`OptimizeConfig` fields or ``config=``) or bound by :func:`optimize`.
+    ``passes`` replaces the registered passes (tests inject passes this way).
+    """
+    from torch._inductor.compile_fx import compile_fx
+
+    if config is None:
+        config = OptimizeConfig.from_options(options)
+    elif options:
+        config = OptimizeConfig.from_options({"config": config, **options})
+    if mode is not None and mode != config.compile.mode:
+        config = config.replace(compile=dataclasses.replace(config.compile, mode=mode))
+    device = _device_of_inputs(example_inputs)
+    if report is not None:
+        report.graphs_compiled += 1
+    dynamo_passes = (
+        [p for p in passes if p.stage == "dynamo"] if passes is not None else passes_for(config, "dynamo")
+    )
+    if dynamo_passes:
+        PassManager("dynamo", dynamo_passes, config, report).run_on_module(gm, example_inputs)
+    patches = inductor_patches(config, device, report, passes)
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def _prepare_module(model: nn.Module, config: OptimizeConfig) -> None:
+    """Module-level preparation that must happen before capture (static caches, ...)."""
+
+
+def _compile(target: Any, config: OptimizeConfig) -> Any:
+    report = PassReport()
+    backend = functools.partial(mmgen_backend, config=config, report=report)
+    compiled = torch.compile(
+        target,
+        backend=backend,
+        fullgraph=config.compile.fullgraph,
+        dynamic=config.compile.dynamic,
+    )
+    compiled._mmgen_config = config
+    compiled._mmgen_report = report
+    return compiled
+
+
+def optimize(model: Any = None, *, config: OptimizeConfig | None = None, **overrides: Any) -> Any:
+    """Optimize a model for generation inference; returns the compiled module.
+
+    Usable as a function (``optimize(model, quantize="int8")``), as a bare decorator
+    (``@optimize``) and as a decorator with arguments (``@optimize(config=cfg)``), on an
+    ``nn.Module`` instance, an ``nn.Module`` class (the decorated name then builds
+    optimized instances) or a plain function. The user's class is never edited.
+
+    Args:
+        model: the module, module class or function; ``None`` to get a decorator.
+        config: an :class:`OptimizeConfig`; keyword ``overrides`` are applied on top.
+    """
+    cfg = resolve_config(config, overrides)
+    if model is None:
+        return functools.partial(optimize, config=cfg)
+    if isinstance(model, type):
+        if not issubclass(model, nn.Module):
+            raise TypeError(
+                f"optimize() decorates nn.Module classes, instances or functions; got class "
+                f"{model.__name__}"
+            )
+        return _optimized_class(model, cfg)
+    _check_levers(cfg)
+    if isinstance(model, nn.Module):
+        _prepare_module(model, cfg)
+        return _compile(model, cfg)
+    if callable(model):
+        return _compile(model, cfg)
+    raise TypeError(
+        f"optimize() takes an nn.Module, an nn.Module class or a function, got {type(model).__name__}"
+    )
+
+
+def _optimized_class(cls: type[nn.Module], config: OptimizeConfig) -> Callable[..., Any]:
+    @functools.wraps(cls, updated=())
+    def build(*args: Any, **kwargs: Any) -> Any:
+        return optimize(cls(*args, **kwargs), config=config)
+
+    build.__mmgen_wrapped_class__ = cls
+    return build
+
+
+def explain(model: Any) -> PassReport:
+    """Which passes fired where, for a model returned by :func:`optimize`.
+
+    Events are collected as graphs compile, so call the model once first. A graph served
+    from Inductor's FX graph cache runs no pass and adds no event.
+    """
+    report = getattr(model, "_mmgen_report", None)
+    if report is None:
+        raise TypeError(
+            "explain() needs a model returned by torch_mmgen_opt.optimize(); for "
+            "torch.compile(backend='mmgen') read torch._dynamo.utils.counters['mmgen']"
+        )
+    return report
