@@ -37,10 +37,13 @@ def resolve_config(config: OptimizeConfig | None, overrides: dict[str, Any]) -> 
 
 def _check_levers(config: OptimizeConfig) -> None:
     """Levers that exist as fields but are not built yet must say so, never do nothing."""
+    # -- quantization (passes/quantize_linear.py)
     if config.quantize is not None:
         raise NotImplementedError("quantize: weight quantization is not implemented yet")
+    # -- LayerSkip (passes/skip_layers.py, runtime/speculative.py)
     if config.layer_skip is not None:
         raise NotImplementedError("layer_skip: LayerSkip is not implemented yet")
+    # -- static KV cache (runtime/static_cache.py)
     if config.static_kv:
         raise NotImplementedError("static_kv: the static KV cache is not implemented yet")
 
@@ -118,6 +121,9 @@ def mmgen_backend(
 
 def _prepare_module(model: nn.Module, config: OptimizeConfig) -> None:
     """Module-level preparation that must happen before capture (static caches, ...)."""
+    # -- weight_norm folding (runtime/prepare.py)
+    # -- static KV cache (runtime/static_cache.py)
+    # -- quantization (passes/quantize_linear.py)
 
 
 def _compile(target: Any, config: OptimizeConfig) -> Any:
@@ -156,11 +162,16 @@ def optimize(model: Any = None, *, config: OptimizeConfig | None = None, **overr
                 f"{model.__name__}"
             )
         return _optimized_class(model, cfg)
-    _check_levers(cfg)
     if isinstance(model, nn.Module):
+        # A model (or pipeline of models) that knows how to optimize its parts.
+        hook = getattr(model, "__mmgen_optimize__", None)
+        if hook is not None:
+            return hook(cfg)
+        _check_levers(cfg)
         _prepare_module(model, cfg)
         return _compile(model, cfg)
     if callable(model):
+        _check_levers(cfg)
         return _compile(model, cfg)
     raise TypeError(
         f"optimize() takes an nn.Module, an nn.Module class or a function, got {type(model).__name__}"

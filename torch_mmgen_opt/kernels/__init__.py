@@ -1,0 +1,1 @@
+"""kernels of torch_mmgen_opt."""

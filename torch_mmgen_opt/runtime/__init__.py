@@ -1,0 +1,1 @@
+"""runtime of torch_mmgen_opt."""
