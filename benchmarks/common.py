@@ -166,3 +166,25 @@ def write_results(
         parts += [f"## {heading}", "", markdown_table(rows)]
     path.write_text("\n".join(parts))
     return path
+
+
+def figure_path(results_md: Path, suffix: str) -> Path:
+    """Where a figure that belongs to ``results_md`` goes: same folder and stem,
+    ``-<suffix>.png`` (``harness-cpu-2026-01-01-levers.png``)."""
+    results_md = Path(results_md)
+    return results_md.with_name(f"{results_md.stem}-{suffix}.png")
+
+
+def append_figures(results_md: Path, items: Sequence[tuple[str | None, Any]]) -> Path:
+    """Append to a results file written by :func:`write_results`: ``(caption, png_path)``
+    embeds a figure (linked relative to the file), ``(None, text)`` appends Markdown."""
+    results_md = Path(results_md)
+    parts = [results_md.read_text().rstrip("\n"), ""]
+    for caption, item in items:
+        if caption is None:
+            parts += [str(item).rstrip("\n"), ""]
+        else:
+            rel = os.path.relpath(Path(item).resolve(), results_md.resolve().parent)
+            parts += [f"## {caption}", "", f"![{caption}]({rel})", ""]
+    results_md.write_text("\n".join(parts))
+    return results_md
