@@ -77,6 +77,10 @@ class QuantizeConfig:
             means every linear layer.
         exclude: fnmatch patterns over module names that are never quantized.
         min_sqnr_db: for ``"auto"``: the accuracy bound a candidate must meet.
+        auto_lengths: for ``"auto"``: the tokens per call (M) the candidates are timed at;
+            ``None`` = 1 (decode) plus the smallest and largest prefill bucket up to 512.
+        cache_dir: where ``"auto"`` caches its timings (``autoquant.json``); ``None`` =
+            ``~/.cache/torch_mmgen_opt``.
     """
 
     scheme: str = "int8"
@@ -85,6 +89,8 @@ class QuantizeConfig:
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
     min_sqnr_db: float = 20.0
+    auto_lengths: tuple[int, ...] | None = None
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.scheme not in QUANT_SCHEMES:
@@ -112,6 +118,17 @@ class QuantizeConfig:
                 )
         if not self.min_sqnr_db > 0:
             raise ValueError(f"QuantizeConfig.min_sqnr_db must be positive, got {self.min_sqnr_db}")
+        if self.auto_lengths is not None:
+            lengths = tuple(self.auto_lengths)
+            if not lengths or any(
+                not isinstance(m, int) or isinstance(m, bool) or m < 1 for m in lengths
+            ):
+                raise ValueError(
+                    f"QuantizeConfig.auto_lengths must be positive ints, e.g. (1, 128), got {lengths!r}"
+                )
+            object.__setattr__(self, "auto_lengths", tuple(sorted(set(lengths))))
+        if self.cache_dir is not None:
+            _check_type("QuantizeConfig.cache_dir", self.cache_dir, str, "a directory path or None")
 
 
 @dataclass(frozen=True, kw_only=True)
