@@ -1,0 +1,172 @@
+"""Tests of runtime/seamless_pipeline.py: the optimized Seamless-style pipeline.
+
+The static runtime is first checked without compiling (cheap), then once end to end
+through ``torch_mmgen_opt.optimize`` on CPU: six graphs in all (two encoder buckets, the
+decoder step, the beam reorder, text-to-unit, one vocoder bucket), all in one test method
+because the test case resets Dynamo between methods.
+"""
+
+from __future__ import annotations
+
+import unittest
+
+import torch
+from torch._dynamo.utils import counters
+
+import torch_mmgen_opt as mmgen
+from torch_mmgen_opt.models import build
+from torch_mmgen_opt.runtime.seamless_pipeline import (
+    OptimizedSeamless,
+    eager_stage_times,
+    optimize_hf_seamless,
+)
+from torch_mmgen_opt.testing import TestCase, run_tests
+
+# (frames, bucket): 40 and 56 share the 64-frame bucket, 100 and 120 the 128-frame one.
+LENGTHS = ((40, 64), (56, 64), (100, 128), (120, 128))
+
+
+def _fbank(T: int, device: str = "cpu") -> torch.Tensor:
+    return torch.randn(1, T, 80, generator=torch.Generator().manual_seed(T)).to(device)
+
+
+class TestStaticRuntime(TestCase):
+    """The optimized runtime with compile=False: static cache, in-place reorder, padding."""
+
+    def _check(self, model, opt, T):
+        tokens, wav = model(_fbank(T))
+        tokens_o, wav_o = opt(_fbank(T))
+        self.assertEqual(tokens_o, tokens, atol=0, rtol=0)
+        self.assertEqual(wav_o.shape, wav.shape)
+        torch.testing.assert_close(wav_o, wav, rtol=1e-4, atol=1e-4)
+        return tokens
+
+    def test_matches_eager(self):
+        for eos_id in (2, 184):  # 184 finishes hypotheses early on these inputs
+            model = build("seamless", "tiny", eos_id=eos_id)
+            opt = OptimizedSeamless(model, frame_buckets=(64, 128), compile=False)
+            self.assertGreater(opt.weight_norm_folded, 0)
+            for T, _ in LENGTHS:
+                with self.subTest(eos_id=eos_id, T=T):
+                    self._check(model, opt, T)
+
+    def test_stop_check_interval_does_not_change_result(self):
+        model = build("seamless", "tiny", eos_id=184)
+        every_step = OptimizedSeamless(model, frame_buckets=(64, 128), compile=False, sync_every=1)
+        rarely = OptimizedSeamless(model, frame_buckets=(64, 128), compile=False, sync_every=5)
+        for T, _ in LENGTHS:
+            self.assertEqual(rarely(_fbank(T))[0], every_step(_fbank(T))[0])
+
+    def test_user_model_untouched(self):
+        model = build("seamless", "tiny")
+        keys = set(model.state_dict())
+        OptimizedSeamless(model, compile=False)
+        self.assertEqual(set(model.state_dict()), keys)
+        self.assertTrue(any("parametrizations" in k for k in keys))
+
+    def test_too_long_input_raises(self):
+        opt = OptimizedSeamless(build("seamless", "tiny"), frame_buckets=(64,), compile=False)
+        with self.assertRaisesRegex(ValueError, "add a bucket"):
+            opt(_fbank(65))
+
+    def test_stage_times_keys(self):
+        model = build("seamless", "tiny")
+        opt = OptimizedSeamless(model, frame_buckets=(64,), compile=False)
+        for times in (opt.stage_times(_fbank(40), repeats=1),
+                      eager_stage_times(model, _fbank(40), repeats=1)):
+            self.assertEqual(set(times), {"encoder", "decoder", "t2u", "vocoder", "total"})
+            self.assertTrue(all(v > 0 for v in times.values()))
+
+
+class TestCompiledPipeline(TestCase):
+    def _run_compiled(self, device: str) -> None:
+        model = build("seamless", "tiny", eos_id=184, device=device)
+        opt = mmgen.optimize(model, prefill_buckets=(64, 128))
+        self.assertIsInstance(opt, OptimizedSeamless)
+        # every length here gives at most 52 units: one vocoder bucket
+        self.assertEqual(opt.unit_buckets, (64,))
+        graphs_after_bucket = {}
+        for T, bucket in LENGTHS:
+            with self.subTest(T=T):
+                tokens, wav = model(_fbank(T, device))
+                tokens_o, wav_o = opt(_fbank(T, device))
+                self.assertEqual(tokens_o, tokens, atol=0, rtol=0)
+                self.assertEqual(wav_o.shape, wav.shape)
+                torch.testing.assert_close(wav_o, wav, rtol=1e-4, atol=1e-4)
+            graphs = counters["stats"]["unique_graphs"]
+            if bucket in graphs_after_bucket:  # same bucket: no recompile
+                self.assertEqual(graphs, graphs_after_bucket[bucket])
+            graphs_after_bucket[bucket] = graphs
+        # encoder x 2 buckets, decoder step, reorder, text-to-unit, vocoder x 1 bucket
+        self.assertEqual(counters["stats"]["unique_graphs"], 6)
+        self.assertEqual(opt.report.graphs_compiled, 6)
+
+    def test_compiled_matches_eager_across_buckets_without_recompiles(self):
+        self._run_compiled("cpu")
+
+    @unittest.skipIf(not torch.cuda.is_available(), "needs CUDA")
+    def test_compiled_cuda_graphs(self):
+        self._run_compiled("cuda")
+
+
+def _hf_tiny(device: str = "cpu"):
+    """A small random ``SeamlessM4Tv2Model`` built offline, its vocoder under weight_norm."""
+    from transformers import SeamlessM4Tv2Config, SeamlessM4Tv2Model
+
+    two = dict(encoder_attention_heads=2, decoder_attention_heads=2,
+               speech_encoder_attention_heads=2, t2u_encoder_attention_heads=2,
+               t2u_decoder_attention_heads=2)
+    cfg = SeamlessM4Tv2Config(
+        vocab_size=128, t2u_vocab_size=64, char_vocab_size=64, hidden_size=32,
+        encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        speech_encoder_layers=2, speech_encoder_intermediate_size=64,
+        conv_depthwise_kernel_size=3, adaptor_kernel_size=2, adaptor_stride=2,
+        left_max_position_embeddings=8, right_max_position_embeddings=4,
+        t2u_encoder_layers=1, t2u_decoder_layers=1, t2u_encoder_ffn_dim=64,
+        t2u_decoder_ffn_dim=64, t2u_variance_predictor_embed_dim=32,
+        t2u_variance_predictor_hidden_dim=16, upsample_initial_channel=16,
+        upsample_rates=(2, 2), upsample_kernel_sizes=(4, 4), resblock_kernel_sizes=(3,),
+        resblock_dilation_sizes=((1, 3),), unit_hifi_gan_vocab_size=32, unit_embed_dim=16,
+        lang_embed_dim=8, spkr_embed_dim=8, vocoder_num_langs=2, vocoder_num_spkrs=2,
+        max_position_embeddings=64, t2u_max_position_embeddings=64, **two,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = SeamlessM4Tv2Model(cfg).eval()
+    model.vocoder.apply_weight_norm()
+    return model.to(device)
+
+
+class TestHFSeamless(TestCase):
+    def _check_text(self, model, opt, device):
+        for T, beams in ((40, 1), (64, 3)):
+            x = torch.randn(1, T, 160, generator=torch.Generator().manual_seed(T)).to(device)
+            kwargs = dict(input_features=x, generate_speech=False, num_beams=beams,
+                          max_new_tokens=8)
+            with self.subTest(T=T, beams=beams):
+                self.assertEqual(opt.generate(**kwargs).sequences,
+                                 model.generate(**kwargs).sequences, atol=0, rtol=0)
+
+    def test_prepared_model_matches_eager(self):
+        model = _hf_tiny()
+        opt = optimize_hf_seamless(model, compile=False)
+        self.assertGreater(opt.weight_norm_folded, 0)
+        self.assertIsNot(opt.model.vocoder, model.vocoder)  # the user's vocoder keeps weight_norm
+        self.assertTrue(any("parametrizations" in k for k in model.vocoder.state_dict()))
+        self._check_text(model, opt, "cpu")
+        units = torch.randint(4, 32, (1, 7))
+        spk, lang = torch.tensor([[0]]), torch.tensor([[1]])
+        with torch.no_grad():
+            ref, ref_len = model.vocoder(units, spk, lang)
+            out, out_len = opt.model.vocoder(units, spk, lang)
+        self.assertEqual(out_len, ref_len)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+    @unittest.skipIf(not torch.cuda.is_available(), "needs CUDA")
+    def test_compiled_speech_encoder_matches_eager(self):
+        model = _hf_tiny("cuda")
+        self._check_text(model, optimize_hf_seamless(model), "cuda")
+
+
+if __name__ == "__main__":
+    run_tests()

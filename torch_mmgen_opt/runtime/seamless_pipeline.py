@@ -1,0 +1,473 @@
+"""The optimized runtime of the Seamless-style pipeline (``models/seamless.py``).
+
+Returned by ``torch_mmgen_opt.optimize(model)`` through the model's ``__mmgen_optimize__``;
+it reuses the model's weights and never edits its class. The recipe is the companion
+study's ("Accelerating Generative AI with PyTorch IV: Seamless M4T, fast"):
+
+- **weight_norm folded**: the vocoder is deep-copied and folded
+  (:func:`~torch_mmgen_opt.runtime.prepare.fold_weight_norm_`); the user's model keeps
+  its parametrizations.
+- **encoder**: filterbank frames zero-padded to a frame bucket (one static graph per
+  bucket); the model masks padded frames, so valid outputs are unchanged. The same graph
+  projects every decoder layer's cross-attention K/V; they are copied once per utterance
+  into static buffers ``(1, nh, S_max, hd)`` with a padding mask ``(1, S_max)``. With one
+  utterance all beams share them, so they are broadcast, never reordered.
+- **decoder**: one static step graph: self-attention K/V written in place
+  (``index_copy_``) at a position held in a device tensor, attention over the whole
+  ``max_len`` with a mask of valid positions, beam selection (log-softmax, top-k) inside
+  the graph, no host sync except the stop check every ``sync_every`` steps. The beam
+  reorder is its own graph: one compiled, fused gather over every layer's K/V and the
+  token history, written back with ``copy_`` (buffer addresses never change). It mutates
+  its inputs, so it runs without CUDA graphs.
+- **text-to-unit**: one static graph per text bucket: the decoder re-run over the chosen
+  hypothesis (cross-attention on the static buffers), the T2U encoder, durations, a static
+  length regulator (output length ``text_bucket * max_duration``, positions past the
+  predicted total masked) and the unit decoder.
+- **vocoder**: units zero-padded to a unit bucket with their length (the vocoder masks
+  activations past it), one static graph per bucket; the waveform is trimmed after.
+
+Every stage is compiled with ``torch.compile(fullgraph=True, dynamic=False)`` and the
+``"mmgen"`` backend bound to the config; CUDA graphs are on (on CUDA) for every stage but
+the reorder. :meth:`OptimizedSeamless.stage_times` and :func:`eager_stage_times` give
+the per-stage breakdown (encoder, decoder, t2u, vocoder).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import OptimizeConfig
+from ..models.seamless import Seamless, attend, beam_select, best_hypothesis
+from .prepare import fold_weight_norm_, pad_to_bucket, pick_bucket
+
+log = logging.getLogger("torch_mmgen_opt")
+
+__all__ = ["OptimizedHFSeamless", "OptimizedSeamless", "eager_stage_times", "optimize_hf_seamless"]
+
+STAGES = ("encoder", "decoder", "t2u", "vocoder")
+
+
+class _LayerCache(nn.Module):
+    """Static buffers of one decoder layer: self K/V (K, nh, max_len, hd), cross K/V
+    (1, nh, S_max, hd)."""
+
+    def __init__(self, K: int, nh: int, max_len: int, s_max: int, hd: int, dtype, device) -> None:
+        super().__init__()
+        self.register_buffer("k", torch.zeros(K, nh, max_len, hd, dtype=dtype, device=device))
+        self.register_buffer("v", torch.zeros(K, nh, max_len, hd, dtype=dtype, device=device))
+        self.register_buffer("ck", torch.zeros(1, nh, s_max, hd, dtype=dtype, device=device))
+        self.register_buffer("cv", torch.zeros(1, nh, s_max, hd, dtype=dtype, device=device))
+
+
+class _State(nn.Module):
+    """Buffers shared by the decoder stages (static addresses for CUDA graphs)."""
+
+    def __init__(self, model: Seamless, s_max: int, dtype, device) -> None:
+        super().__init__()
+        cfg = model.config
+        self.max_len = cfg.max_new_tokens + 1  # BOS + generated tokens
+        nh, hd = cfg.dec_heads, cfg.dec_dim // cfg.dec_heads
+        K = cfg.beam_size
+        self.layers = nn.ModuleList(
+            _LayerCache(K, nh, self.max_len, s_max, hd, dtype, device) for _ in range(cfg.dec_layers)
+        )
+        self.register_buffer("cross_mask", torch.zeros(1, s_max, dtype=torch.bool, device=device))
+        self.register_buffer("hist", torch.zeros(K, self.max_len, dtype=torch.long, device=device))
+        for buf in self.buffers():
+            torch._dynamo.mark_static_address(buf)
+
+
+class _EncoderStage(nn.Module):
+    def __init__(self, model: Seamless) -> None:
+        super().__init__()
+        self.encoder = model.encoder
+        self.dec_layers = model.decoder.layers
+
+    def forward(self, fbank: torch.Tensor, lengths: torch.Tensor):
+        """fbank (1, Fb, n_mels) -> (mask (1, S), [ck, cv] * layers each (1, nh, S, hd))."""
+        enc_out, mask = self.encoder(fbank, lengths)
+        kv = []
+        for layer in self.dec_layers:
+            kv.extend(layer.cross_attn.project_kv(enc_out))
+        return mask, kv
+
+
+class _DecoderStep(nn.Module):
+    def __init__(self, model: Seamless, state: _State) -> None:
+        super().__init__()
+        self.decoder, self.state, self.eos_id = model.decoder, state, model.config.eos_id
+
+    def forward(self, tok, pos, scores, finished):
+        """tok (K,) current tokens at position ``pos`` (1,) -> beam_select outputs."""
+        dec, st = self.decoder, self.state
+        x = dec.embed(tok)[:, None] * dec.scale + dec.pos.index_select(0, pos).to(dec.embed.weight.dtype)
+        valid = torch.arange(st.max_len, device=tok.device) <= pos  # (max_len,)
+        cross_allowed = st.cross_mask[:, None, None, :]
+        for layer, c in zip(dec.layers, st.layers):
+            a = layer.self_attn
+            h = layer.self_ln(x)
+            q, (k, v) = a.heads(a.q_proj(h)), a.project_kv(h)  # (K, nh, 1, hd)
+            c.k.index_copy_(2, pos, k)
+            c.v.index_copy_(2, pos, v)
+            x = x + a.merge(attend(q, c.k, c.v, valid))
+            ca = layer.cross_attn
+            q = ca.heads(ca.q_proj(layer.cross_ln(x)))
+            x = x + ca.merge(attend(q, c.ck, c.cv, cross_allowed))  # (1, nh, S, hd) broadcast
+            x = x + layer.ffn(layer.ffn_ln(x))
+        logits = dec.lm_head(dec.final_ln(x))[:, 0]  # (K, vocab)
+        return beam_select(logits, scores, finished, self.eos_id)
+
+
+class _BeamReorder(nn.Module):
+    """In-place beam reorder of every layer's self K/V and the token history."""
+
+    def __init__(self, state: _State) -> None:
+        super().__init__()
+        self.state = state
+
+    def forward(self, beam_idx, tok, pos):
+        st = self.state
+        for c in st.layers:
+            c.k.copy_(c.k.index_select(0, beam_idx))
+            c.v.copy_(c.v.index_select(0, beam_idx))
+        st.hist.copy_(st.hist.index_select(0, beam_idx))
+        st.hist.index_copy_(1, pos + 1, tok[:, None])
+
+
+class _T2UStage(nn.Module):
+    def __init__(self, model: Seamless, state: _State) -> None:
+        super().__init__()
+        self.decoder, self.t2u, self.state = model.decoder, model.t2u, state
+        self.max_duration = model.config.max_duration
+
+    def forward(self, seq: torch.Tensor, n_text: torch.Tensor):
+        """seq (1, Lb) BOS + tokens zero-padded, n_text (1,) valid length ->
+        (units (1, Lb * max_duration), n_units (1,))."""
+        dec, st = self.decoder, self.state
+        Lb = seq.shape[1]
+        x = dec.embed(seq) * dec.scale + dec.pos[:Lb].to(dec.embed.weight.dtype)
+        key_pos = torch.arange(Lb, device=seq.device)
+        causal = key_pos[None, :] <= key_pos[:, None]  # (Lb, Lb)
+        cross_allowed = st.cross_mask[:, None, None, :]
+        for layer, c in zip(dec.layers, st.layers):
+            a = layer.self_attn
+            h = layer.self_ln(x)
+            x = x + a.merge(attend(a.heads(a.q_proj(h)), *a.project_kv(h), causal))
+            ca = layer.cross_attn
+            x = x + ca.merge(attend(ca.heads(ca.q_proj(layer.cross_ln(x))), c.ck, c.cv, cross_allowed))
+            x = x + layer.ffn(layer.ffn_ln(x))
+        hidden = dec.final_ln(x)  # (1, Lb, d)
+        text_mask = key_pos[None, :] < n_text[:, None]  # (1, Lb)
+        states, dur = self.t2u.encode(hidden, text_mask)
+        # static length regulator: output position t takes state #(cum <= t)
+        cum = dur.cumsum(-1)  # (1, Lb)
+        U = Lb * self.max_duration
+        t = torch.arange(U, device=seq.device)
+        src = (cum[:, None, :] <= t[None, :, None]).sum(-1).clamp(max=Lb - 1)  # (1, U)
+        up = states.gather(1, src[..., None].expand(-1, -1, states.shape[-1]))  # (1, U, d)
+        n_units = cum[:, -1]
+        unit_mask = t[None, :] < n_units[:, None]
+        return self.t2u.decode(up, unit_mask), n_units
+
+
+class _VocoderStage(nn.Module):
+    def __init__(self, vocoder: nn.Module) -> None:
+        super().__init__()
+        self.vocoder = vocoder
+
+    def forward(self, units: torch.Tensor, n_units: torch.Tensor) -> torch.Tensor:
+        return self.vocoder(units, n_units)
+
+
+def _copy_vocoder(model: Seamless) -> nn.Module:
+    """A copy of ``model.vocoder`` (``copy.deepcopy`` breaks parametrized modules: rebuild
+    it and load the state dict)."""
+    from ..models.seamless_vocoder import UnitVocoder
+
+    cfg, src = model.config, model.vocoder
+    with torch.device("meta"):
+        voc = UnitVocoder(cfg.unit_vocab, cfg.voc_embed, cfg.voc_channels, cfg.upsample_rates,
+                          cfg.resblock_kernels, cfg.resblock_dilations)
+    voc.load_state_dict(src.state_dict(), assign=True)
+    return voc.eval()
+
+
+def _default_unit_buckets(max_units: int) -> tuple[int, ...]:
+    buckets, b = [], 64
+    while b < max_units:
+        buckets.append(b)
+        b *= 2
+    return (*buckets, b)
+
+
+class OptimizedSeamless:
+    """Optimized pipeline over a :class:`~torch_mmgen_opt.models.seamless.Seamless`.
+
+    Args:
+        model: the eager pipeline (its weights are shared, its vocoder copied).
+        config: an :class:`OptimizeConfig`; ``prefill_buckets`` are the filterbank frame
+            buckets when ``frame_buckets`` is not given.
+        frame_buckets: padded input lengths in frames (default (128, 256, ..., 2048)).
+        unit_buckets: padded vocoder lengths in units (default powers of two from 64 up to
+            ``(max_new_tokens + 1) * max_duration``).
+        sync_every: decoder steps between stop checks (host syncs); the result does not
+            depend on it.
+        compile: ``False`` runs the same static runtime eagerly (debugging, tests).
+    """
+
+    def __init__(
+        self,
+        model: Seamless,
+        config: OptimizeConfig | None = None,
+        *,
+        frame_buckets: Sequence[int] | None = None,
+        unit_buckets: Sequence[int] | None = None,
+        sync_every: int | None = None,
+        compile: bool = True,
+    ) -> None:
+        from ..graph_utils import PassReport
+
+        if not isinstance(model, Seamless):
+            raise TypeError(f"OptimizedSeamless needs a models.seamless.Seamless, got {type(model).__name__}")
+        self.model, self.config = model, config or OptimizeConfig()
+        if self.config.layer_skip is not None:
+            log.warning("layer_skip does not apply to the Seamless pipeline (beam search); ignored")
+        cfg = model.config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.frame_buckets = tuple(sorted(frame_buckets or self.config.prefill_buckets
+                                          or (128, 256, 512, 1024, 2048)))
+        s_max = model.encoder.out_lengths(torch.tensor(self.frame_buckets[-1])).item()
+        if s_max > cfg.max_positions:
+            raise ValueError(f"frame bucket {self.frame_buckets[-1]} exceeds max_positions; lower it")
+        self.text_bucket = cfg.max_new_tokens + 1
+        self.unit_buckets = tuple(sorted(
+            unit_buckets or _default_unit_buckets(self.text_bucket * cfg.max_duration)))
+        self.sync_every = sync_every or (4 if self.device.type == "cuda" else 1)
+        self.report = PassReport()
+
+        self.vocoder = _copy_vocoder(model)
+        self.weight_norm_folded = fold_weight_norm_(self.vocoder)
+        self.state = _State(model, s_max, self.dtype, self.device)
+        K = cfg.beam_size
+        self._positions = [torch.tensor([t], device=self.device) for t in range(self.text_bucket)]
+        self._bos = torch.full((K,), cfg.bos_id, dtype=torch.long, device=self.device)
+        self._scores0 = torch.full((K,), float("-inf"), device=self.device)
+        self._scores0[0] = 0.0
+        self._finished0 = torch.zeros(K, dtype=torch.bool, device=self.device)
+
+        wrap = self._compile if compile else (lambda m, cuda_graphs: m)
+        self.encode = wrap(_EncoderStage(model), cuda_graphs=True)
+        self.step = wrap(_DecoderStep(model, self.state), cuda_graphs=True)
+        self.reorder = wrap(_BeamReorder(self.state), cuda_graphs=False)
+        self.text_to_unit = wrap(_T2UStage(model, self.state), cuda_graphs=True)
+        self.vocode = wrap(_VocoderStage(self.vocoder), cuda_graphs=True)
+
+    def _compile(self, module: nn.Module, cuda_graphs: bool) -> Callable[..., Any]:
+        from ..api import mmgen_backend
+
+        # CUDA graphs where the stage allows them, unless the user turned them off
+        use = cuda_graphs and self.device.type == "cuda" and self.config.cuda_graphs is not False
+        cfg = self.config.replace(cuda_graphs=use)
+        backend = functools.partial(mmgen_backend, config=cfg, report=self.report)
+        return torch.compile(module, backend=backend, fullgraph=True, dynamic=False)
+
+    # ------------------------------------------------------------------ stages
+
+    @torch.no_grad()
+    def run_encoder(self, fbank: torch.Tensor, lengths: torch.Tensor | None = None) -> None:
+        """Encode one utterance (1, T, n_mels) into the static cross-attention buffers."""
+        if fbank.shape[0] != 1:
+            raise ValueError(f"translate one utterance at a time (batch 1), got batch {fbank.shape[0]}")
+        if lengths is None:
+            lengths = torch.tensor([fbank.shape[1]], device=fbank.device)
+        padded, _ = pad_to_bucket(fbank, lengths, self.frame_buckets)
+        mask, kv = self.encode(padded, lengths)
+        S = mask.shape[1]
+        st = self.state
+        st.cross_mask.zero_()
+        st.cross_mask[:, :S].copy_(mask)
+        for i, c in enumerate(st.layers):
+            c.ck[:, :, :S].copy_(kv[2 * i])
+            c.cv[:, :, :S].copy_(kv[2 * i + 1])
+
+    @torch.no_grad()
+    def run_decoder(self) -> torch.Tensor:
+        """Beam search over the static cache -> best tokens (1, L)."""
+        cfg = self.model.config
+        st = self.state
+        st.hist.fill_(cfg.bos_id)
+        tok, scores, finished = self._bos, self._scores0, self._finished0
+        steps = 0
+        for t in range(cfg.max_new_tokens):
+            pos = self._positions[t]
+            tok, beam_idx, scores, finished = (o.clone() for o in self.step(tok, pos, scores, finished))
+            self.reorder(beam_idx, tok, pos)
+            steps = t + 1
+            if steps % self.sync_every == 0 and bool(finished.all()):
+                break
+        return best_hypothesis(st.hist[:, : steps + 1], scores, cfg.eos_id, cfg.length_penalty)
+
+    @torch.no_grad()
+    def run_t2u(self, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """tokens (1, L) -> (units (1, U_static), number of valid units)."""
+        L = tokens.shape[1] + 1
+        seq = torch.zeros(1, self.text_bucket, dtype=torch.long, device=self.device)
+        seq[0, 0] = self.model.config.bos_id
+        seq[:, 1:L] = tokens
+        units, n_units = self.text_to_unit(seq, torch.tensor([L], device=self.device))
+        return units, int(n_units)
+
+    @torch.no_grad()
+    def run_vocoder(self, units: torch.Tensor, n_units: int) -> torch.Tensor:
+        """units (1, >= n_units) -> waveform (1, n_units * hop)."""
+        bucket = pick_bucket(n_units, self.unit_buckets)
+        padded = torch.zeros(1, bucket, dtype=torch.long, device=self.device)
+        padded[:, :n_units] = units[:, :n_units]
+        wav = self.vocode(padded, torch.tensor([n_units], device=self.device))
+        return wav[:, : n_units * self.vocoder.hop]
+
+    @torch.no_grad()
+    def __call__(self, fbank: torch.Tensor, fbank_lengths: torch.Tensor | None = None):
+        """fbank (1, T, n_mels) -> (text tokens (1, L), waveform (1, U * hop))."""
+        self.run_encoder(fbank, fbank_lengths)
+        tokens = self.run_decoder()
+        units, n_units = self.run_t2u(tokens)
+        return tokens, self.run_vocoder(units, n_units)
+
+    translate = __call__
+
+    def stage_times(self, fbank: torch.Tensor, fbank_lengths: torch.Tensor | None = None,
+                    repeats: int = 3) -> dict[str, float]:
+        """Median seconds per stage (encoder, decoder, t2u, vocoder) and ``total``."""
+        def run(timer):
+            timer("encoder", lambda: self.run_encoder(fbank, fbank_lengths))
+            tokens = timer("decoder", self.run_decoder)
+            units, n = timer("t2u", lambda: self.run_t2u(tokens))
+            timer("vocoder", lambda: self.run_vocoder(units, n))
+        return _median_stage_times(run, self.device, repeats)
+
+
+def _median_stage_times(run: Callable, device: torch.device, repeats: int) -> dict[str, float]:
+    samples: dict[str, list[float]] = {s: [] for s in STAGES}
+
+    def timer(name, fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        samples[name].append(time.perf_counter() - t0)
+        return out
+
+    for _ in range(repeats):
+        run(timer)
+    times = {s: sorted(v)[len(v) // 2] for s, v in samples.items()}
+    times["total"] = sum(times[s] for s in STAGES)
+    return times
+
+
+@torch.no_grad()
+def eager_stage_times(model: Seamless, fbank: torch.Tensor, fbank_lengths: torch.Tensor | None = None,
+                      repeats: int = 3) -> dict[str, float]:
+    """The eager model's per-stage median seconds (same keys as
+    :meth:`OptimizedSeamless.stage_times`)."""
+    if fbank_lengths is None:
+        fbank_lengths = torch.tensor([fbank.shape[1]], device=fbank.device)
+
+    def run(timer):
+        enc_out, enc_mask = timer("encoder", lambda: model.encoder(fbank, fbank_lengths))
+        tokens = timer("decoder", lambda: model.beam_search(enc_out, enc_mask))
+
+        def t2u():
+            seq = torch.cat([torch.full_like(tokens[:, :1], model.config.bos_id), tokens], dim=1)
+            return model.t2u(model.decoder(seq, enc_out, enc_mask)[1])
+        units = timer("t2u", t2u)
+        timer("vocoder", lambda: model.vocoder(units))
+
+    return _median_stage_times(run, fbank.device, repeats)
+
+
+# ---------------------------------------------------------------------- Hugging Face
+
+
+class OptimizedHFSeamless:
+    """The same levers on a Hugging Face ``SeamlessM4Tv2Model`` (or one of its task
+    models), as far as its code allows; the model is left as is.
+
+    - the vocoder is copied and its ``weight_norm`` folded (``apply_weight_norm`` models;
+      a no-op for checkpoints loaded without it), its HiFi-GAN conv stack compiled (dynamic
+      length: the HF vocoder does not mask padding, so bucket padding would change the
+      tail of the waveform);
+    - the speech encoder is compiled, one static graph per input length (the HF speech
+      encoder is not proven padding-invariant, so no buckets);
+    - text generation (greedy or beam) runs HF's own ``generate`` on top of those, so its
+      tokens are HF's. Not done, and why: HF's text decoder builds its own
+      ``EncoderDecoderCache(DynamicCache, DynamicCache)`` and derives positions from
+      ``cache.get_seq_length()`` (no ``cache_position`` input), so a static cache and a
+      CUDA-graphed decode step need changes to the HF decoder; its beam reorder is HF's
+      (``index_select`` per layer, not in place).
+
+    Args:
+        model: a ``SeamlessM4Tv2Model`` (any module with ``speech_encoder`` and/or
+            ``vocoder`` children).
+        config: an :class:`OptimizeConfig`.
+        compile: ``False`` applies only the module preparation.
+    """
+
+    def __init__(self, model: nn.Module, config: OptimizeConfig | None = None, *,
+                 compile: bool = True) -> None:
+        from ..api import mmgen_backend
+        from ..graph_utils import PassReport
+
+        self.config = config or OptimizeConfig()
+        self.report = PassReport()
+        self.weight_norm_folded = 0
+        # a shallow clone whose children we may swap: the user's model keeps its own
+        clone = copy.copy(model)
+        clone._modules = dict(model._modules)
+        backend = functools.partial(mmgen_backend, config=self.config, report=self.report)
+        vocoder = model._modules.get("vocoder")
+        if vocoder is not None:
+            vocoder = _copy_hf_vocoder(vocoder)
+            self.weight_norm_folded = fold_weight_norm_(vocoder)
+            if compile:
+                vocoder.hifi_gan = torch.compile(vocoder.hifi_gan, backend=backend, dynamic=True)
+            clone._modules["vocoder"] = vocoder
+        encoder = model._modules.get("speech_encoder")
+        if encoder is not None and compile:
+            clone._modules["speech_encoder"] = torch.compile(encoder, backend=backend, dynamic=False)
+        self.model = clone
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``SeamlessM4Tv2Model.generate`` with the optimized parts."""
+        return self.model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["model"], name)
+
+
+def _copy_hf_vocoder(vocoder: nn.Module) -> nn.Module:
+    from torch.nn.utils import parametrize
+
+    if not any(parametrize.is_parametrized(m) for m in vocoder.modules()):
+        return copy.deepcopy(vocoder)
+    new = type(vocoder)(vocoder.config)  # deepcopy breaks parametrized modules
+    new.apply_weight_norm()
+    new.load_state_dict(vocoder.state_dict())
+    return new.to(next(vocoder.parameters()).device).eval()
+
+
+def optimize_hf_seamless(model: nn.Module, config: OptimizeConfig | None = None,
+                         **kwargs: Any) -> OptimizedHFSeamless:
+    """See :class:`OptimizedHFSeamless`."""
+    return OptimizedHFSeamless(model, config, **kwargs)
