@@ -13,6 +13,11 @@ import importlib
 # Order matters within a stage: attention fusion before quantization, so that the
 # projections feeding SDPA are still plain mm/addmm when quantize_linear looks for them.
 PASS_MODULES: tuple[str, ...] = (
+    "fuse_attention",
+    "quantize_linear",
+    "hstu_attention",
+    "static_kv_shapes",
+    "skip_layers",
 
 )
 

@@ -37,15 +37,12 @@ def resolve_config(config: OptimizeConfig | None, overrides: dict[str, Any]) -> 
 
 def _check_levers(config: OptimizeConfig) -> None:
     """Levers that exist as fields but are not built yet must say so, never do nothing."""
-    # -- quantization (passes/quantize_linear.py)
-    if config.quantize is not None:
-        raise NotImplementedError("quantize: weight quantization is not implemented yet")
+    # -- quantization (passes/quantize_linear.py): QuantizeConfig validates itself
     # -- LayerSkip (passes/skip_layers.py, runtime/speculative.py)
-    if config.layer_skip is not None:
-        raise NotImplementedError("layer_skip: LayerSkip is not implemented yet")
+    # The full model compiles with every layer; the draft graph is derived from the same
+    # module when it is needed (runtime.speculative.attach_draft / generate(speculative=)).
     # -- static KV cache (runtime/static_cache.py)
-    if config.static_kv:
-        raise NotImplementedError("static_kv: the static KV cache is not implemented yet")
+    # Sizes are validated by OptimizeConfig; the model's convention in _prepare_module.
 
 
 def _device_of_inputs(example_inputs: Sequence[Any]) -> torch.device:
@@ -122,8 +119,23 @@ def mmgen_backend(
 def _prepare_module(model: nn.Module, config: OptimizeConfig) -> None:
     """Module-level preparation that must happen before capture (static caches, ...)."""
     # -- weight_norm folding (runtime/prepare.py)
+    from .runtime.prepare import fold_weight_norm_
+
+    fold_weight_norm_(model)  # in place, outputs unchanged: weights are constant at inference
     # -- static KV cache (runtime/static_cache.py)
+    if config.static_kv:
+        from .runtime.static_cache import install_static_cache_
+
+        install_static_cache_(
+            model, max_batch_size=config.max_batch_size, max_seq_len=config.max_seq_len
+        )
     # -- quantization (passes/quantize_linear.py)
+    if config.quantize is not None:
+        # Swap the chosen nn.Linear of this instance for QuantizedLinear so the float
+        # weights are released; the graph pass then counts them (and handles functions).
+        from torch_mmgen_opt.passes.quantize_linear import quantize_linear_
+
+        quantize_linear_(model, config)
 
 
 def _compile(target: Any, config: OptimizeConfig) -> Any:
@@ -135,8 +147,10 @@ def _compile(target: Any, config: OptimizeConfig) -> Any:
         fullgraph=config.compile.fullgraph,
         dynamic=config.compile.dynamic,
     )
-    compiled._mmgen_config = config
-    compiled._mmgen_report = report
+    # OptimizedModule.__setattr__ forwards to the wrapped module; keep our attributes on the
+    # wrapper so two optimize() calls on one model do not share a report.
+    object.__setattr__(compiled, "_mmgen_config", config)
+    object.__setattr__(compiled, "_mmgen_report", report)
     return compiled
 
 
@@ -169,7 +183,12 @@ def optimize(model: Any = None, *, config: OptimizeConfig | None = None, **overr
             return hook(cfg)
         _check_levers(cfg)
         _prepare_module(model, cfg)
-        return _compile(model, cfg)
+        compiled = _compile(model, cfg)
+        if cfg.layer_skip is not None:
+            from .runtime.speculative import attach_draft
+
+            attach_draft(compiled)  # compiled.draft: the early-exit graph, compiled lazily
+        return compiled
     if callable(model):
         _check_levers(cfg)
         return _compile(model, cfg)

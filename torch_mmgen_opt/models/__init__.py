@@ -18,6 +18,9 @@ __all__ = ["build", "WORKLOADS"]
 # workload name -> module in this package that defines `build_model(size, **overrides)`
 WORKLOADS: dict[str, str] = {
     "llama": "llama",
+    "seamless": "seamless",
+    "chameleon": "chameleon",
+    "hstu": "hstu",
 }
 
 
