@@ -25,7 +25,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.harness $(BENCH_ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests $(TEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadscope tests $(TEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check torch_mmgen_opt passes tests benchmarks

@@ -28,7 +28,7 @@ setup(
     # torch's CUDA wheels already bring the matching triton; a CPU build needs none.
     install_requires=["torch>=2.11", "sympy"],
     extras_require={
-        "test": ["pytest", "expecttest", "transformers>=4.46"],
+        "test": ["pytest", "pytest-xdist", "expecttest", "transformers>=4.46"],
         "bench": ["matplotlib", "tqdm"],
         "lint": ["ruff"],
     },
