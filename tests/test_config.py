@@ -42,7 +42,7 @@ class TestOptimizeConfig(TestCase):
             (dict(cuda_graphs=True, compile=CompileConfig(mode="max-autotune-no-cudagraphs")), ValueError, "conflicts"),
         ]
         for kwargs, exc, needle in cases:
-            with self.subTest(kwargs=kwargs):
+            with self.subTest(kwargs=repr(kwargs)):
                 with self.assertRaisesRegex(exc, needle):
                     OptimizeConfig(**kwargs)
         with self.assertRaisesRegex(ValueError, "32, 64 or 128"):

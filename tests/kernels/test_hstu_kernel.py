@@ -94,7 +94,7 @@ class HSTUTritonTest(TestCase):
     def test_jagged_kernel_matches_reference(self):
         for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
             for lengths, H, d, dv, N in RAGGED:
-                with self.subTest(dtype=dtype, lengths=lengths):
+                with self.subTest(dtype=str(dtype), lengths=lengths):
                     q, k, v, offsets = _jagged(lengths, H, d, dv, dtype, "cuda")
                     bias = (torch.randn(1, H, N, N, device="cuda") * 0.1).to(dtype)
                     # the kernel itself (the op would fall back to the reference on error)
@@ -110,7 +110,7 @@ class HSTUTritonTest(TestCase):
         g = torch.Generator().manual_seed(0)
         for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
             for B, H, N, d in ((2, 2, 8, 4), (3, 4, 100, 64), (1, 2, 257, 128)):
-                with self.subTest(dtype=dtype, shape=(B, H, N, d)):
+                with self.subTest(dtype=str(dtype), shape=(B, H, N, d)):
                     q, k, v = (torch.randn(B, N, H, d, generator=g).transpose(1, 2) for _ in range(3))
                     bias = torch.randn(B, 1, N, N, generator=g) * 0.1
                     mask = torch.rand(B, 1, N, N, generator=g) > 0.2

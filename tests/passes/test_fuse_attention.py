@@ -210,7 +210,7 @@ class FuseAttentionGraphTest(TestCase):
     def test_fuses_every_pattern(self):
         for name in PATTERNS:
             for dtype in (torch.float32, torch.bfloat16):
-                with self.subTest(pattern=name, dtype=dtype):
+                with self.subTest(pattern=name, dtype=str(dtype)):
                     self._check_fused(name, dtype)
 
     def test_gqa_not_materialised(self):
