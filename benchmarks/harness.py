@@ -335,6 +335,10 @@ def run_workload(
             levers = "-" if key == "eager" else "torch.compile(model)"
         row = RowResult(key, ROW_LABELS[key], stack=levers or "optimize(model)")
         progress.step(f"{name}: {key}")
+        # Each row compiles the same forward code again: without a reset, Dynamo's
+        # per-code-object recompile limit is reached after a few rows and later rows
+        # would silently run eagerly.
+        torch._dynamo.reset()
         try:
             runner, holder = _build_runner(key, base, trial, trial_spec)
             with torch.no_grad():
