@@ -74,6 +74,15 @@ class TestOptimize(TestCase):
         with self.assertRaisesRegex(TypeError, "optimize"):
             mmgen.explain(Tiny())
 
+    def test_reports_stay_on_each_wrapper(self):
+        # OptimizedModule.__setattr__ forwards to the wrapped module: our attributes must not.
+        m = Tiny()
+        a, b = mmgen.optimize(m), mmgen.optimize(m, attention=False)
+        self.assertIsNot(mmgen.explain(a), mmgen.explain(b))
+        self.assertFalse(hasattr(m, "_mmgen_report"))
+        self.assertTrue(a._mmgen_config.attention.fuse)
+        self.assertFalse(b._mmgen_config.attention.fuse)
+
     def test_pipeline_protocol(self):
         class Pipeline(nn.Module):
             def __mmgen_optimize__(self, config):
