@@ -82,7 +82,7 @@ _CAST = prims.convert_element_type.default
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SUPPORTED_DEVICES = ("cpu", "cuda")
-_CPU_F32_DECODE_MAX_KV = 128  # see prefer_sdpa
+_CPU_DECODE_MAX_KV = 128  # see prefer_sdpa
 _FUSED_KERNELS = tuple(
     op
     for op in (
@@ -108,16 +108,17 @@ def prefer_sdpa(
     """``backend="auto"``: fuse into SDPA (True) or leave the chain to Inductor (False).
 
     From the CPU measurements in ``docs/passes/fuse_attention.md`` (torch 2.13): at one
-    query token (decode) Inductor's bmm + softmax code beat the CPU flash kernel in
-    bfloat16 at every key length measured (2-25x), and in float32 up to about 128 keys;
-    with more query tokens the flash kernel won or tied. On CUDA the fused kernels win.
-    ``None`` means symbolic (a dynamic dim): a growing cache, so assume long.
+    query token (decode) Inductor's bmm + softmax code beat the CPU flash kernel up to
+    about 128 keys; with more query tokens the flash kernel won or tied. A first bf16
+    micro-benchmark (one thread, loaded machine) favoured Inductor at every key length,
+    but the Llama-small decode step on a quiet machine (256+ keys, bf16) ran 1.8x faster
+    fused than left to Inductor, so bf16 follows the same key-length threshold.
+    On CUDA the fused kernels win. ``None`` means symbolic (a dynamic dim): a growing
+    cache, so assume long.
     """
     if device_type != "cpu" or q_len != 1:
         return True
-    if dtype in (torch.bfloat16, torch.float16):
-        return False
-    return kv_len is None or kv_len > _CPU_F32_DECODE_MAX_KV
+    return kv_len is None or kv_len > _CPU_DECODE_MAX_KV
 
 
 # ---------------------------------------------------------------------- small helpers

@@ -325,7 +325,8 @@ class FuseAttentionGraphTest(TestCase):
         self.assertTrue(prefer_sdpa("cuda", torch.bfloat16, 1, 64))
         self.assertTrue(prefer_sdpa("cpu", torch.float32, 128, 128))
         self.assertTrue(prefer_sdpa("cpu", torch.bfloat16, 128, 128))
-        self.assertFalse(prefer_sdpa("cpu", torch.bfloat16, 1, 512))
+        self.assertTrue(prefer_sdpa("cpu", torch.bfloat16, 1, 512))
+        self.assertFalse(prefer_sdpa("cpu", torch.bfloat16, 1, 64))
         self.assertFalse(prefer_sdpa("cpu", torch.float32, 1, 64))
         self.assertTrue(prefer_sdpa("cpu", torch.float32, 1, 1024))
         self.assertTrue(prefer_sdpa("cpu", torch.float32, 1, None))  # dynamic cache length
