@@ -551,8 +551,10 @@ def _sdpa_graph(vals: Sequence[torch.Tensor], scale: float, gqa: bool) -> fx.Gra
 def _fuse(graph: fx.Graph, site: _Site) -> None:
     q, k, v = site.q, site.k, site.v
     with graph.inserting_before(site.out):
-        if site.k_transposed:
-            k = _emit(graph, aten.transpose.int, (k, -2, -1))
+        if site.k_transposed:  # permute, not transpose: the graph is already decomposed
+            perm = list(range(_val(k).dim()))
+            perm[-2], perm[-1] = perm[-1], perm[-2]
+            k = _emit(graph, aten.permute.default, (k, perm))
         mask = _build_mask(graph, site)
         # GQA first (no repeats); if no fused kernel takes that here, the repeated k/v.
         candidates = [(site.gqa, k, v)]

@@ -35,8 +35,22 @@ def _half_done_then_raise(graph: fx.Graph, ctx) -> int:
     raise RuntimeError("injected failure")
 
 
+def _insert_transpose(graph: fx.Graph, ctx) -> int:
+    """Inserts ``aten.transpose.int`` (decomposed before the joint stage, no lowering):
+    a graph Inductor would refuse to lower."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is aten.sin.default:
+            with graph.inserting_after(node):
+                t = graph.call_function(aten.transpose.int, (node, 0, 0))
+            node.replace_all_uses_with(t)
+            t.args = (node, 0, 0)
+            return 1
+    return 0
+
+
 SIN_TO_COS = GraphPass("sin_to_cos", "joint", _sin_to_cos, lambda cfg: True, __file__)
 FAILING = GraphPass("failing", "joint", _half_done_then_raise, lambda cfg: True, __file__)
+UNLOWERABLE = GraphPass("unlowerable", "joint", _insert_transpose, lambda cfg: True, __file__)
 
 
 def f(x):
@@ -99,6 +113,16 @@ class TestPassManager(TestCase):
         self.assertEqual(out, f(x))  # the original graph, untouched
         self.assertEqual(counters["mmgen"]["pass_failed"], 1)
         self.assertIn("injected failure", "\n".join(logs.output))
+
+    def test_unlowerable_output_is_undone(self):
+        """A pass that leaves an op Inductor cannot lower counts as failed: without the
+        check, lowering raises (compile breaks); with it, the original graph compiles."""
+        x = torch.randn(8)
+        with fresh_cache(), self.assertLogs("torch_mmgen_opt", level=logging.WARNING) as logs:
+            out = compile_with([UNLOWERABLE])(x)
+        self.assertEqual(out, f(x))
+        self.assertEqual(counters["mmgen"]["pass_failed"], 1)
+        self.assertIn("aten.transpose.int", "\n".join(logs.output))
 
     def test_snapshot_restore_is_node_for_node(self):
         gm = fx.symbolic_trace(lambda x: (x.relu() + 1).sum())

@@ -65,13 +65,38 @@ def _device_of(graph: fx.Graph) -> torch.device | None:
     return None
 
 
+def _unlowerable(graph: fx.Graph, before: set[fx.Node]) -> list[str]:
+    """Ops a pass inserted into an already decomposed graph (joint / post-grad stage)
+    that Inductor cannot lower: they have a decomposition and no lowering, and lowering
+    would fail on them (e.g. ``aten.transpose.int``; ``aten.permute`` is lowerable)."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._inductor.lowering import lowerings
+
+    decomps = select_decomp_table()
+    bad = []
+    for node in graph.nodes:
+        if node.op == "call_function" and node not in before:
+            target = node.target
+            if target in decomps and target not in lowerings:
+                bad.append(str(target))
+    return bad
+
+
 def run_guarded(graph_pass: GraphPass, graph: fx.Graph, ctx: PassContext) -> int:
-    """Run one pass; on any exception restore the graph and warn. Returns rewrites made."""
+    """Run one pass; on any exception restore the graph and warn. Returns rewrites made.
+
+    At the joint and post-grad stages the pass's output is also checked for ops that
+    Inductor could not lower (a failure of the pass, handled the same way)."""
     snapshot = graph_snapshot(graph)
+    before = set(graph.nodes)
     ctx.pass_name = graph_pass.name
     try:
         n = int(graph_pass.fn(graph, ctx) or 0)
         graph.lint()
+        if graph_pass.stage != "dynamo":
+            bad = _unlowerable(graph, before)
+            if bad:
+                raise RuntimeError(f"inserted ops Inductor cannot lower: {sorted(set(bad))}")
         return n
     except Exception as exc:  # noqa: BLE001 - compile must never break because of us
         graph_restore(graph, snapshot)
