@@ -29,22 +29,36 @@ so runtimes may mark their own prefill/decode steps) or by the report's
 :meth:`CharacterizationReport.phase`; time outside any phase is reported as ``unmarked``
 (``run`` when nothing was marked). Phases do not nest: an inner mark inside an open phase
 is ignored.
+
+Where the code lives: this module runs the workload under the profiler and accounts the
+events (:func:`characterize`, :func:`kernel_profiling`); the report, the phase marks and
+the table/figure renderings are in ``_profiling_report.py``; the operator classes and the
+name rules are in ``_profiling_classify.py``. Import the public names (``__all__``) from
+here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
-import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.autograd import DeviceType
+
+from ._profiling_classify import CLASSES, _classify_event, _is_op, _kernel_class, classify_op
+from ._profiling_report import (
+    _CURRENT,
+    _PHASE_PREFIX,
+    _RUN_SPAN,
+    CharacterizationReport,
+    PhaseStats,
+    _sync,
+    phase,
+    plot_characterization,
+)
 
 log = logging.getLogger("torch_mmgen_opt")
 
@@ -59,127 +73,6 @@ __all__ = [
     "plot_characterization",
 ]
 
-CLASSES = ("linear", "attention", "norm", "elementwise", "kv_cache", "conv", "other", "idle")
-
-_PHASE_PREFIX = "## mmgen phase: "
-_RUN_SPAN = "## mmgen run ##"
-_CURRENT: contextvars.ContextVar[CharacterizationReport | None] = contextvars.ContextVar(
-    "mmgen_characterization", default=None
-)
-
-# --------------------------------------------------------------------------- classification
-
-_LINEAR_OPS = {
-    "linear", "mm", "addmm", "addmv", "mv", "dot", "einsum", "_int_mm", "_weight_int8pack_mm",
-    "_weight_int4pack_mm", "_weight_int4pack_mm_for_cpu", "_weight_int4pack_mm_with_scales_and_zeros",
-    "_convert_weight_to_int4pack", "_convert_weight_to_int4pack_for_cpu", "_addmm_activation",
-    "mkldnn_linear", "_linear_pointwise", "qlinear_pointwise", "_scaled_mm", "_mixed_dtypes_linear",
-}
-_ATTENTION_OPS = {
-    "bmm", "baddbmm", "softmax", "_softmax", "_safe_softmax", "log_softmax", "_log_softmax",
-    "scaled_dot_product_attention",
-}
-_NORM_OPS = {
-    "layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm", "group_norm",
-    "native_group_norm", "batch_norm", "native_batch_norm", "_batch_norm_impl_index",
-    "_native_batch_norm_legit", "_native_batch_norm_legit_no_training", "instance_norm",
-    "_weight_norm", "_weight_norm_interface", "norm", "linalg_vector_norm", "rsqrt",
-}
-_KV_OPS = {
-    "index_copy", "index_copy_", "index_select", "index_put", "index_put_", "_index_put_impl_",
-    "_unsafe_index_put", "scatter", "scatter_", "slice_scatter", "select_scatter", "copy_",
-}
-_CONV_OPS = {
-    "conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
-    "conv_transpose2d", "conv_transpose3d", "mkldnn_convolution", "cudnn_convolution",
-    "_convolution_pointwise", "slow_conv2d_forward", "_slow_conv2d_forward",
-    "slow_conv_transpose2d", "slow_conv3d_forward", "_conv_depthwise2d",
-    "convolution_overrideable", "cudnn_convolution_transpose",
-}
-_ELEMENTWISE_OPS = {
-    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "pow", "exp", "log",
-    "sqrt", "reciprocal", "silu", "silu_", "gelu", "relu", "relu_", "tanh", "sigmoid", "erf",
-    "sin", "cos", "abs", "clamp", "clamp_", "maximum", "minimum", "where", "masked_fill",
-    "masked_fill_", "mean", "sum", "amax", "max", "min", "var", "std", "to", "_to_copy",
-    "type_as", "clone", "contiguous", "fill_", "zero_", "leaky_relu", "elu", "hardtanh",
-    "glu", "square", "rsub", "lerp", "addcmul", "cumsum", "tril", "triu", "eq", "ne", "lt",
-    "le", "gt", "ge", "logical_and", "logical_or", "logical_not", "bitwise_not", "cat",
-    "stack", "_foreach_add", "dropout", "native_dropout", "softplus", "mish", "hardswish",
-}
-_GEMM_KERNEL = re.compile(r"gemm|gemv|cutlass|cublas|xmma|splitk|int8pack|int4pack")
-_CONV_KERNEL = re.compile(r"conv|fprop|dgrad|wgrad")
-_ATTN_KERNEL = re.compile(r"softmax|flash|fmha|attention|attn|sdpa|flex")
-_KV_KERNEL = re.compile(r"index_copy|index_put|scatter|indexselect|index_select|catarray")
-_NORM_KERNEL = re.compile(r"rsqrt|norm(?!al)")
-_ELEMENTWISE_KERNEL = re.compile(r"fused|elementwise|vectorized|reduce|copy|poi_|red_|per_")
-
-
-def _is_op(name: str) -> bool:
-    """Operator events (aten/custom ops, Inductor kernels) as opposed to framework spans."""
-    if name.startswith("#") or name.startswith("Torch-Compiled") or name.startswith("TorchDynamo"):
-        return False
-    if "::" in name:
-        return True
-    return "cpp_fused" in name or name.startswith(("triton_", "cpp_", "kernel_cpp"))
-
-
-def classify_op(name: str, *, cat_dim: int | None = None, child_names: Sequence[str] = ()) -> str:
-    """The operator class (one of :data:`CLASSES` but ``idle``) of a profiler event name.
-
-    Args:
-        name: an operator name (``aten::mm``, ``mylib::decode_attention``) or a kernel
-            name (``graph_0_cpp_fused__softmax_add_0``, ``triton_red_fused_mean_rsqrt_1``,
-            ``ampere_bf16_s16816gemm_...``).
-        cat_dim: for ``aten::cat``, the ``dim`` argument when known: a concatenation along
-            the last dim (``rotate_half``, feature concat) is ``elementwise``; any other
-            dim is a cache append (``kv_cache``).
-        child_names: names of the events the op called; ``aten::matmul`` calling ``bmm``
-            is attention (batched, e.g. ``q @ k^T``), calling ``mm`` it is linear.
-    """
-    low = name.lower()
-    ns, sep, base = low.rpartition("::")
-    if sep:
-        base = base.split(".")[0]
-        if base == "cat":
-            return "elementwise" if cat_dim == -1 else "kv_cache"
-        if base in ("matmul", "einsum"):
-            batched = any(c.rsplit("::", 1)[-1] in ("bmm", "baddbmm") for c in child_names)
-            return "attention" if batched else "linear"
-        for cls, ops in (
-            ("linear", _LINEAR_OPS),
-            ("attention", _ATTENTION_OPS),
-            ("conv", _CONV_OPS),
-            ("norm", _NORM_OPS),
-            ("kv_cache", _KV_OPS),
-            ("elementwise", _ELEMENTWISE_OPS),
-        ):
-            if base in ops:
-                return cls
-        if base.startswith("_scaled_dot_product") or base.startswith(("_flash", "_efficient_att")):
-            return "attention"
-        if ns in ("aten", "prims"):
-            return "other"
-        # custom ops: by the words in their name
-        return _classify_kernel(base, default="other")
-    return _classify_kernel(re.sub(r"^graph_\d+_", "", low), default="elementwise")
-
-
-def _classify_kernel(name: str, default: str) -> str:
-    tokens = set(re.split(r"[^a-z0-9]+", name))
-    if _ATTN_KERNEL.search(name) or tokens & {"bmm", "baddbmm"}:
-        return "attention"
-    if _CONV_KERNEL.search(name):
-        return "conv"
-    if _GEMM_KERNEL.search(name) or tokens & {"mm", "addmm", "linear", "matmul"}:
-        return "linear"
-    if _KV_KERNEL.search(name):
-        return "kv_cache"
-    if _NORM_KERNEL.search(name):
-        return "norm"
-    if _ELEMENTWISE_KERNEL.search(name):
-        return "elementwise"
-    return default
-
 
 @contextlib.contextmanager
 def kernel_profiling() -> Iterator[None]:
@@ -191,166 +84,6 @@ def kernel_profiling() -> Iterator[None]:
     with inductor_config.patch({"cpp.enable_kernel_profile": True}):
         yield
 
-
-# --------------------------------------------------------------------------- the report
-
-
-@dataclass
-class PhaseStats:
-    """One phase: ``calls`` entries (decode steps for ``decode``), ``tokens`` produced or
-    consumed, ``wall_s`` measured around the phase (host clock, device synchronised),
-    ``classes``: seconds per operator class, ``idle`` included."""
-
-    name: str
-    calls: int = 0
-    tokens: int = 0
-    wall_s: float = 0.0
-    classes: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CLASSES, 0.0))
-
-    @property
-    def accounted_s(self) -> float:
-        return sum(self.classes.values())
-
-
-class CharacterizationReport:
-    """Where the time went, per phase and per operator class. Built by :func:`characterize`.
-
-    ``info`` holds what the workload recorded with :meth:`note` (batch, prompt length,
-    generated tokens, final sequence length...); ``notes`` what the analysis could not do.
-    """
-
-    def __init__(self, label: str = "", device: str = "cpu") -> None:
-        self.label = label
-        self.device = device
-        self.phases: dict[str, PhaseStats] = {}
-        self.info: dict[str, Any] = {}
-        self.notes: list[str] = []
-        self._recording = False
-        self._open: str | None = None
-        self.run_wall_s = 0.0
-
-    # -- used by the workload while it runs
-    @contextlib.contextmanager
-    def phase(self, name: str, *, tokens: int = 0) -> Iterator[None]:
-        """Mark a phase of the workload: ``with report.phase("decode", tokens=B): step()``.
-
-        Repeated entries accumulate (one call per decode step). Nested marks are ignored.
-        """
-        if not self._recording or self._open is not None:
-            yield
-            return
-        from torch.profiler import record_function
-
-        _sync(self.device)
-        self._open = name
-        t0 = time.perf_counter()
-        try:
-            with record_function(f"{_PHASE_PREFIX}{name} ##"):
-                yield
-                _sync(self.device)
-        finally:
-            self._open = None
-            stats = self.phases.setdefault(name, PhaseStats(name))
-            stats.calls += 1
-            stats.tokens += int(tokens)
-            stats.wall_s += time.perf_counter() - t0
-
-    def note(self, **info: Any) -> None:
-        """Record facts about the run (sequence lengths, batch, ...)."""
-        self.info.update(info)
-
-    # -- results
-    @property
-    def total_s(self) -> float:
-        return sum(p.wall_s for p in self.phases.values())
-
-    def class_totals(self) -> dict[str, float]:
-        out = dict.fromkeys(CLASSES, 0.0)
-        for p in self.phases.values():
-            for c, s in p.classes.items():
-                out[c] += s
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "label": self.label,
-            "device": self.device,
-            "info": dict(self.info),
-            "notes": list(self.notes),
-            "total_s": self.total_s,
-            "classes_s": self.class_totals(),
-            "phases": {
-                n: {"calls": p.calls, "tokens": p.tokens, "wall_s": p.wall_s,
-                    "classes_s": dict(p.classes)}
-                for n, p in self.phases.items()
-            },
-        }
-
-    def rows(self) -> list[dict[str, Any]]:
-        """One table row per phase plus a total: ms, ms per call, % per class."""
-        rows = []
-        items = list(self.phases.values())
-        total = PhaseStats("total", calls=sum(p.calls for p in items),
-                           tokens=sum(p.tokens for p in items), wall_s=self.total_s,
-                           classes=self.class_totals())
-        for p in [*items, total]:
-            acc = p.accounted_s or 1.0
-            row: dict[str, Any] = {
-                "phase": p.name, "calls": p.calls, "tokens": p.tokens,
-                "wall ms": 1e3 * p.wall_s, "ms/call": 1e3 * p.wall_s / max(p.calls, 1),
-            }
-            for c in CLASSES:
-                row[f"{c} %"] = 100.0 * p.classes[c] / acc
-            rows.append(row)
-        return rows
-
-    def to_markdown(self) -> str:
-        from_info = ", ".join(f"{k}={v}" for k, v in self.info.items())
-        head = f"**{self.label or 'characterization'}** ({self.device}" + (
-            f"; {from_info})" if from_info else ")"
-        )
-        lines = [head, "", _markdown_table(self.rows())]
-        idle = "wall time not covered by any kernel" if self.device.startswith("cuda") else (
-            "wall time outside top-level operators (Python/framework overhead)"
-        )
-        lines.append(f"Class shares are of the profiled time; idle = {idle}.")
-        lines += [f"Note: {n}" for n in self.notes]
-        return "\n".join(lines) + "\n"
-
-    def plot(self, path: str | Path, **kwargs: Any) -> Path:
-        return plot_characterization([self], path, **kwargs)
-
-    def __repr__(self) -> str:
-        parts = ", ".join(f"{n}={1e3 * p.wall_s:.1f}ms/{p.calls}" for n, p in self.phases.items())
-        return f"CharacterizationReport({self.label!r}, {self.device}, {parts})"
-
-
-@contextlib.contextmanager
-def phase(name: str, *, tokens: int = 0) -> Iterator[None]:
-    """Mark a phase for the characterization in progress; a no-op otherwise.
-
-    Runtimes call this around their prefill and each decode step, so that
-    ``characterize`` of a ``generate`` call splits prefill from decode.
-    """
-    report = _CURRENT.get()
-    if report is None:
-        yield
-        return
-    with report.phase(name, tokens=tokens):
-        yield
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    cols = list(rows[0])
-    fmt = lambda v: f"{v:.1f}" if isinstance(v, float) else str(v)
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    out += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(out) + "\n"
 
 
 # --------------------------------------------------------------------------- characterize
@@ -544,28 +277,6 @@ def _account(report: CharacterizationReport, events: Sequence[Any]) -> None:
         )
 
 
-def _classify_event(ev: Any) -> str:
-    name = ev.name
-    cat_dim = None
-    if name == "aten::cat":
-        concrete = getattr(ev, "concrete_inputs", None) or []
-        if len(concrete) > 1 and isinstance(concrete[1], int):
-            cat_dim = concrete[1]
-    children = [c.name for c in ev.cpu_children] if name in ("aten::matmul", "aten::einsum") else ()
-    return classify_op(name, cat_dim=cat_dim, child_names=children)
-
-
-def _kernel_class(top: Any, kernel_name: str) -> str:
-    """A kernel's class: that of the top-level op that launched it, else its own name's
-    (kernels launched by Inductor's wrapper or a CUDA graph replay)."""
-    if top is None:
-        return classify_op(kernel_name)
-    cls = _classify_event(top)
-    if cls == "other" and not top.name.startswith("aten::"):
-        cls = classify_op(kernel_name)
-    return cls
-
-
 def _is_annotation(ev: Any) -> bool:
     """Spans the profiler mirrors on the device timeline (``record_function`` ranges,
     compiled-region markers): not kernels."""
@@ -647,81 +358,3 @@ def _account_kernels(
             classes = {c: v * busy / total_s for c, v in classes.items()}
         out[name] = (classes, busy)
     return out
-
-
-# --------------------------------------------------------------------------- figure
-
-_COLORS = {
-    "linear": "#1f77b4", "attention": "#d62728", "norm": "#9467bd", "elementwise": "#2ca02c",
-    "kv_cache": "#ff7f0e", "conv": "#8c564b", "other": "#7f7f7f", "idle": "#dddddd",
-}
-
-
-_WHOLE = "\0whole"
-
-
-def _whole(report: CharacterizationReport) -> PhaseStats:
-    return PhaseStats(_WHOLE, calls=1, wall_s=report.total_s, classes=report.class_totals())
-
-
-def plot_characterization(
-    reports: Sequence[CharacterizationReport],
-    path: str | Path,
-    *,
-    title: str | None = None,
-) -> Path:
-    """Stacked bars, one bar per report (before/after), split by operator class: a
-    "whole run" panel (milliseconds per run, comparable even when the reports mark
-    different phases) then one panel per phase (milliseconds per call, i.e. per decode
-    step for ``decode``; phases under 5% of a run only count in the whole). Writes a PNG."""
-    if not reports:
-        raise ValueError("plot_characterization needs at least one report")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names: list[str] = []
-    for r in reports:
-        names += [n for n in r.phases if n not in names
-                  and r.phases[n].wall_s >= 0.05 * r.total_s]  # slivers only in "whole run"
-    if len(names) > 1 or any(set(r.phases) != set(names) for r in reports):
-        names.insert(0, _WHOLE)
-    fig, axes = plt.subplots(1, len(names), figsize=(2.2 + 2.2 * len(names) * max(1, len(reports) / 2), 4.2),
-                             squeeze=False)
-    for ax, name in zip(axes[0], names):
-        for i, r in enumerate(reports):
-            p = _whole(r) if name == _WHOLE else r.phases.get(name)
-            if p is None:
-                continue
-            acc = p.accounted_s or 1.0
-            bottom = 0.0
-            for c in CLASSES:
-                h = 1e3 * p.wall_s / max(p.calls, 1) * p.classes[c] / acc
-                ax.bar(i, h, bottom=bottom, color=_COLORS[c], edgecolor="white", linewidth=0.5,
-                       hatch="//" if c == "idle" else None, label=c)
-                bottom += h
-        ax.set_xticks(range(len(reports)), [r.label or f"#{i}" for i, r in enumerate(reports)],
-                      rotation=20, ha="right", fontsize=8)
-        per = "step" if name == "decode" else ("run" if name == _WHOLE else "call")
-        if name == _WHOLE:
-            ax.set_title("whole run", fontsize=9)
-        else:
-            calls = "/".join(str(r.phases[name].calls) for r in reports if name in r.phases)
-            ax.set_title(f"{name} ({calls} calls)", fontsize=9)
-        ax.set_ylabel(f"ms per {per}", fontsize=8)
-        ax.tick_params(axis="y", labelsize=8)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    seen = dict(zip(labels, handles))
-    fig.legend([seen[c] for c in CLASSES if c in seen], [c for c in CLASSES if c in seen],
-               loc="center right", fontsize=8, frameon=False)
-    dev = reports[0].device
-    fig.suptitle(title or f"Where the time goes ({dev}; idle = "
-                 + ("GPU waiting for the host)" if dev.startswith("cuda") else "framework overhead)"),
-                 fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.85, 0.95))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
