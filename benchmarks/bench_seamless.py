@@ -12,6 +12,7 @@ compile time (first call of every stage) reported apart; whether the text tokens
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 import torch
@@ -42,16 +43,30 @@ def main(
     fbank = torch.randn(1, frames, model.config.n_mels, generator=torch.Generator().manual_seed(0))
     fbank = fbank.to(device=device, dtype=getattr(torch, dtype))
 
+    t0 = time.perf_counter()
     opt = mmgen.optimize(model, prefill_buckets=tuple(frame_buckets))
+    prepare_s = time.perf_counter() - t0  # weight_norm folding, packing (with "auto" timing)
     compile_s, (tokens_o, wav_o) = timed_first_call(lambda: opt(fbank), device)
     tokens, wav = model(fbank)
     same_tokens = torch.equal(tokens, tokens_o)
     max_wav_diff = (wav - wav_o).abs().max().item() if wav.shape == wav_o.shape else float("nan")
 
-    eager = eager_stage_times(model, fbank, repeats=repeats)
-    optimized = opt.stage_times(fbank, repeats=repeats)
-    e2e_eager = time_call(lambda: model(fbank), device=device, warmup=1, repeats=repeats)
-    e2e_opt = time_call(lambda: opt(fbank), device=device, warmup=1, repeats=repeats)
+    # eager and optimized alternate, repeat by repeat, so load from elsewhere on a shared
+    # machine hits both alike; medians over the repeats
+    samples: dict[str, list[dict[str, float]]] = {"eager": [], "optimized": []}
+    e2e: dict[str, list[float]] = {"eager": [], "optimized": []}
+    for _ in range(repeats):
+        samples["eager"].append(eager_stage_times(model, fbank, repeats=1))
+        samples["optimized"].append(opt.stage_times(fbank, repeats=1))
+        e2e["eager"].append(time_call(lambda: model(fbank), device=device, warmup=0, repeats=1))
+        e2e["optimized"].append(time_call(lambda: opt(fbank), device=device, warmup=0, repeats=1))
+
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    eager, optimized = ({k: median([t[k] for t in samples[which]]) for k in samples[which][0]}
+                        for which in ("eager", "optimized"))
+    e2e_eager, e2e_opt = median(e2e["eager"]), median(e2e["optimized"])
 
     rows = []
     for stage in ("encoder", "decoder", "t2u", "vocoder", "total"):
@@ -67,9 +82,14 @@ def main(
     facts = [{
         "size": size, "frames": frames, "text tokens": tokens.shape[1],
         "waveform samples": wav.shape[1], "tokens identical": same_tokens,
-        "max |wav diff|": max_wav_diff, "compile s (first call)": compile_s,
+        "max |wav diff|": max_wav_diff, "prepare s (optimize())": prepare_s, "compile s (first call)": compile_s,
         "graphs compiled": opt.report.graphs_compiled,
         "weight_norm folded": opt.weight_norm_folded,
+        "linears packed": sum(v == "packed" for v in opt.packed_linears.values()),
+        "linears left": sum(v != "packed" for v in opt.packed_linears.values()),
+        "padded to buckets": opt.pad_to_buckets,
+        "vocoder compiled": opt.compiled_vocoder,
+        "threads": torch.get_num_threads(),
     }]
     result = {"stages": rows, "facts": facts, "speedup": e2e_eager / e2e_opt}
     if write:

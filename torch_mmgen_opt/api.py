@@ -136,6 +136,11 @@ def _prepare_module(model: nn.Module, config: OptimizeConfig) -> None:
         from torch_mmgen_opt.passes.quantize_linear import quantize_linear_
 
         quantize_linear_(model, config)
+    # -- packed float32 CPU linears (kernels/packed_linear.py), opt-in for plain models
+    if config.pack_linear:
+        from .kernels.packed_linear import pack_linears_
+
+        pack_linears_(model, config.pack_linear, rows=config.max_batch_size)
 
 
 def _compile(target: Any, config: OptimizeConfig) -> Any:

@@ -193,6 +193,10 @@ class OptimizeConfig:
         max_batch_size: cache batch for ``static_kv``.
         prefill_buckets: prompt lengths are padded up to the next bucket; ``None`` picks
             powers of two up to ``max_seq_len``.
+        pack_linear: float32 CPU ``nn.Linear`` through oneDNN with the weight packed
+            once (``kernels/packed_linear.py``): ``True`` every eligible layer, ``"auto"``
+            where measured faster for the decode shape, ``False`` never; ``None`` = the
+            workload's default (``"auto"`` in the Seamless pipeline, off for other models).
         compile: :class:`CompileConfig`.
     """
 
@@ -204,6 +208,7 @@ class OptimizeConfig:
     max_seq_len: int = 2048
     max_batch_size: int = 1
     prefill_buckets: tuple[int, ...] | None = None
+    pack_linear: bool | str | None = None
     compile: CompileConfig = field(default_factory=CompileConfig)
 
     def __post_init__(self) -> None:
@@ -248,6 +253,14 @@ class OptimizeConfig:
                     "raise max_seq_len or drop that bucket"
                 )
             object.__setattr__(self, "prefill_buckets", buckets)
+        if not (
+            self.pack_linear is None
+            or isinstance(self.pack_linear, bool)
+            or self.pack_linear == "auto"
+        ):
+            raise ValueError(
+                f"pack_linear must be None, True, False or 'auto', got {self.pack_linear!r}"
+            )
         if isinstance(self.compile, dict):
             object.__setattr__(self, "compile", CompileConfig(**self.compile))
         elif not isinstance(self.compile, CompileConfig):

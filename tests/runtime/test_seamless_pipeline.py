@@ -14,6 +14,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import torch_mmgen_opt as mmgen
+from torch_mmgen_opt import OptimizeConfig
 from torch_mmgen_opt.models import build
 from torch_mmgen_opt.runtime.seamless_pipeline import (
     OptimizedSeamless,
@@ -44,11 +45,43 @@ class TestStaticRuntime(TestCase):
     def test_matches_eager(self):
         for eos_id in (2, 184):  # 184 finishes hypotheses early on these inputs
             model = build("seamless", "tiny", eos_id=eos_id)
-            opt = OptimizedSeamless(model, frame_buckets=(64, 128), compile=False)
-            self.assertGreater(opt.weight_norm_folded, 0)
-            for T, _ in LENGTHS:
-                with self.subTest(eos_id=eos_id, T=T):
-                    self._check(model, opt, T)
+            for pad in (True, False):  # padded to buckets (CUDA's default) or exact (CPU's)
+                opt = OptimizedSeamless(model, frame_buckets=(64, 128), compile=False,
+                                        pad_to_buckets=pad)
+                self.assertGreater(opt.weight_norm_folded, 0)
+                for T, _ in LENGTHS:
+                    with self.subTest(eos_id=eos_id, T=T, pad=pad):
+                        self._check(model, opt, T)
+
+    def test_packed_linears_match_eager(self):
+        model = build("seamless", "tiny", eos_id=184)
+        opt = OptimizedSeamless(model, OptimizeConfig(pack_linear=True),
+                                frame_buckets=(64, 128), compile=False)
+        packed = [k for k, v in opt.packed_linears.items() if v == "packed"]
+        # every linear of the encoder, decoder and T2U copies (none is left out)
+        n_linear = sum(isinstance(m, torch.nn.Linear)
+                       for part in (model.encoder, model.decoder, model.t2u) for m in part.modules())
+        self.assertEqual(len(packed), n_linear)
+        self.assertEqual(counters["mmgen"]["linear_packed"], n_linear)
+        self.assertIs(type(model.decoder.lm_head), torch.nn.Linear)  # the model is not edited
+        for T, _ in LENGTHS:
+            with self.subTest(T=T):
+                self._check(model, opt, T)
+        off = OptimizedSeamless(model, OptimizeConfig(pack_linear=False), compile=False)
+        self.assertEqual(off.packed_linears, {})
+
+    def test_channels_last_vocoder_matches(self):
+        from torch_mmgen_opt.runtime.prepare import Conv1dAs2d
+
+        model = build("seamless", "tiny")
+        opt = OptimizedSeamless(model, compile=False)
+        convs = [m for m in opt.vocoder.modules() if isinstance(m, Conv1dAs2d)]
+        self.assertEqual(len(convs), opt.weight_norm_folded)  # every conv, all folded first
+        units = torch.randint(0, model.config.unit_vocab, (1, 37),
+                              generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(opt.vocoder(units), model.vocoder(units),
+                                       rtol=1e-5, atol=1e-5)
 
     def test_stop_check_interval_does_not_change_result(self):
         model = build("seamless", "tiny", eos_id=184)
@@ -79,9 +112,13 @@ class TestStaticRuntime(TestCase):
 
 
 class TestCompiledPipeline(TestCase):
-    def _run_compiled(self, device: str) -> None:
+    def _run_compiled(self, device: str, pad_to_buckets=None, **options) -> None:
         model = build("seamless", "tiny", eos_id=184, device=device)
-        opt = mmgen.optimize(model, prefill_buckets=(64, 128))
+        if pad_to_buckets is None:
+            opt = mmgen.optimize(model, prefill_buckets=(64, 128), **options)
+        else:
+            config = OptimizeConfig(prefill_buckets=(64, 128), **options)
+            opt = OptimizedSeamless(model, config, pad_to_buckets=pad_to_buckets)
         self.assertIsInstance(opt, OptimizedSeamless)
         # every length here gives at most 52 units: one vocoder bucket
         self.assertEqual(opt.unit_buckets, (64,))
@@ -97,12 +134,23 @@ class TestCompiledPipeline(TestCase):
             if bucket in graphs_after_bucket:  # same bucket: no recompile
                 self.assertEqual(graphs, graphs_after_bucket[bucket])
             graphs_after_bucket[bucket] = graphs
-        # encoder x 2 buckets, decoder step, reorder, text-to-unit, vocoder x 1 bucket
-        self.assertEqual(counters["stats"]["unique_graphs"], 6)
-        self.assertEqual(opt.report.graphs_compiled, 6)
+        if opt.pad_to_buckets:
+            # encoder x 2 buckets, decoder step, reorder, text-to-unit, vocoder x 1 bucket
+            expected = 6 if opt.compiled_vocoder else 5
+        else:  # one dynamic-length encoder graph, step, reorder, text-to-unit
+            expected = 4
+        self.assertEqual(counters["stats"]["unique_graphs"], expected)
+        self.assertEqual(opt.report.graphs_compiled, expected)
+        return opt
 
     def test_compiled_matches_eager_across_buckets_without_recompiles(self):
-        self._run_compiled("cpu")
+        opt = self._run_compiled("cpu", pack_linear=True)
+        self.assertFalse(opt.pad_to_buckets)  # CPU default: exact lengths, no recompile
+        self.assertIn("packed", opt.packed_linears.values())
+
+    def test_compiled_padded_to_buckets_cpu(self):
+        opt = self._run_compiled("cpu", pad_to_buckets=True, pack_linear=False)
+        self.assertTrue(opt.pad_to_buckets)
 
     @unittest.skipIf(not torch.cuda.is_available(), "needs CUDA")
     def test_compiled_cuda_graphs(self):
