@@ -29,6 +29,7 @@ def main(
     repeats: int = 5,
     threads: int | None = None,
     smoke: bool = False,
+    quantize: str | None = None,
     write: bool = True,
 ) -> dict[str, Any]:
     import torch_mmgen_opt as mmgen
@@ -44,7 +45,7 @@ def main(
     fbank = fbank.to(device=device, dtype=getattr(torch, dtype))
 
     t0 = time.perf_counter()
-    opt = mmgen.optimize(model, prefill_buckets=tuple(frame_buckets))
+    opt = mmgen.optimize(model, prefill_buckets=tuple(frame_buckets), quantize=quantize)
     prepare_s = time.perf_counter() - t0  # weight_norm folding, packing (with "auto" timing)
     compile_s, (tokens_o, wav_o) = timed_first_call(lambda: opt(fbank), device)
     tokens, wav = model(fbank)
@@ -85,6 +86,9 @@ def main(
         "max |wav diff|": max_wav_diff, "prepare s (optimize())": prepare_s, "compile s (first call)": compile_s,
         "graphs compiled": opt.report.graphs_compiled,
         "weight_norm folded": opt.weight_norm_folded,
+        "quantize": quantize or "-",
+        "linears quantized": sum(v in ("int8", "int4", "int8_dynamic")
+                                 for v in opt.quantized_linears.values()),
         "linears packed": sum(v == "packed" for v in opt.packed_linears.values()),
         "linears left": sum(v != "packed" for v in opt.packed_linears.values()),
         "padded to buckets": opt.pad_to_buckets,
@@ -93,12 +97,15 @@ def main(
     }]
     result = {"stages": rows, "facts": facts, "speedup": e2e_eager / e2e_opt}
     if write:
+        tag = f"seamless-{size}" + (f"-{quantize}" if quantize else "")
         path = write_results(
-            f"seamless-{size}", f"Seamless-style pipeline ({size}), eager vs optimize()",
+            tag, f"Seamless-style pipeline ({size}), eager vs optimize(quantize={quantize!r})",
             [("Per stage and end to end (median s, same run)", rows), ("Run", facts)],
             device=device,
             notes="Target (companion study, A100): >= 2.7x end to end. Speedups are ratios in "
-            "this run; compile time is the first call of the optimized pipeline.",
+            "this run (eager and optimized alternate repeat by repeat); compile time is the "
+            "first call of the optimized pipeline, prepare time the optimize() call. With "
+            "quantize the output is lossy: 'tokens identical' says whether it held here.",
         )
         result["path"] = str(path)
     return result
@@ -114,6 +121,7 @@ def _parse() -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--quantize", default=None, help="e.g. int8 (lossy; exact levers without)")
     p.add_argument("--no-write", dest="write", action="store_false")
     args = vars(p.parse_args())
     args["frame_buckets"] = tuple(args["frame_buckets"])

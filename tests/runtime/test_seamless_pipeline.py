@@ -70,6 +70,28 @@ class TestStaticRuntime(TestCase):
         off = OptimizedSeamless(model, OptimizeConfig(pack_linear=False), compile=False)
         self.assertEqual(off.packed_linears, {})
 
+    def test_quantized_copies(self):
+        """quantize= swaps the copies' linears (lossy: checked by SQNR of the decoder's
+        logits), packs what stays float, and leaves the model's own modules alone."""
+        from torch_mmgen_opt.kernels.quant import QuantizedLinear
+        from torch_mmgen_opt.testing import sqnr
+
+        model = build("seamless", "tiny")
+        opt = OptimizedSeamless(model, OptimizeConfig(quantize="int8", pack_linear=True),
+                                compile=False)
+        self.assertIn("int8", opt.quantized_linears.values())
+        self.assertEqual(opt.packed_linears, {"decoder.lm_head": "packed"})  # head stays float
+        decoder = opt.step.decoder
+        self.assertIsInstance(decoder.layers[0].ffn.fc1, QuantizedLinear)
+        self.assertIs(type(model.decoder.layers[0].ffn.fc1), torch.nn.Linear)
+        with torch.no_grad():
+            enc, mask = model.encoder(_fbank(40), torch.tensor([40]))
+            seq = torch.randint(0, model.config.vocab_size, (1, 9),
+                                generator=torch.Generator().manual_seed(1))
+            self.assertGreater(sqnr(model.decoder(seq, enc, mask)[0], decoder(seq, enc, mask)[0]), 30)
+        tokens, wav = opt(_fbank(40))
+        self.assertEqual(wav.shape[1] % opt.vocoder.hop, 0)
+
     def test_channels_last_vocoder_matches(self):
         from torch_mmgen_opt.runtime.prepare import Conv1dAs2d
 

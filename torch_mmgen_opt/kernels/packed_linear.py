@@ -174,7 +174,7 @@ def _reason_not_eligible(mod: nn.Module) -> str | None:
 
 def pack_linears_(
     root: nn.Module, mode: bool | str = "auto", rows: int = 1, report: Any = None,
-    threshold: float = 1.1,
+    threshold: float = 1.1, prefix: str = "",
 ) -> dict[str, str]:
     """Swap, in place, the chosen ``nn.Linear`` submodules of ``root`` for
     :class:`PackedLinear`. ``rows``: how many rows a call multiplies at the hot shape
@@ -209,7 +209,8 @@ def pack_linears_(
         result[name] = "packed" if reason is None else reason
         counters["mmgen"][kind] += 1
         if report is not None:
-            report.events.append(PassEvent("pack_linear", "prepare", kind, name, reason or ""))
+            where = f"{prefix}.{name}" if prefix else name
+            report.events.append(PassEvent("pack_linear", "prepare", kind, where, reason or ""))
     n = sum(v == "packed" for v in result.values())
     log.debug("pack_linear: %d of %d linear layers packed", n, len(result))
     return result

@@ -305,10 +305,14 @@ class OptimizedSeamless:
         self.vocode = wrap(vocode, cuda_graphs=True) if self.compiled_vocoder else vocode
 
     def _pack_linears(self, model: Seamless) -> SimpleNamespace:
-        """The encoder, decoder and T2U the stages run: the model's own, or (when
-        ``pack_linear`` is on: by default ``"auto"`` for float32 on CPU) copies whose
-        chosen ``nn.Linear`` go through the packed oneDNN kernel. The copies share every
-        weight with the model; the model is not edited."""
+        """The encoder, decoder and T2U the stages run: the model's own, or copies that
+        share every weight tensor with it (the model is not edited) in which
+
+        - with ``quantize``, the chosen ``nn.Linear`` are swapped for ``QuantizedLinear``
+          (``passes/quantize_linear.py``: the same per-layer choice as for any model);
+        - with ``pack_linear`` (by default ``"auto"`` for float32 on CPU), the remaining
+          chosen float ``nn.Linear`` go through the packed oneDNN kernel.
+        """
         from ..kernels.packed_linear import pack_linears_
 
         cfg = model.config
@@ -318,15 +322,22 @@ class OptimizedSeamless:
         parts = SimpleNamespace(config=cfg, encoder=model.encoder, decoder=model.decoder,
                                 t2u=model.t2u)
         self.packed_linears: dict[str, str] = {}
-        if not mode:
+        self.quantized_linears: dict[str, str] = {}
+        if not mode and self.config.quantize is None:
             return parts
         # rows per call at each stage's hot shape: encoder frames, one per beam, text bucket
         s_min = int(model.encoder.out_lengths(torch.tensor(self.frame_buckets[0])))
         for name, rows in (("encoder", s_min), ("decoder", cfg.beam_size),
                            ("t2u", self.text_bucket)):
             part = _share_copy(getattr(model, name))
-            found = pack_linears_(part, mode, rows=rows, report=self.report)
-            self.packed_linears.update({f"{name}.{k}": v for k, v in found.items()})
+            if self.config.quantize is not None:
+                from torch_mmgen_opt.passes.quantize_linear import quantize_linear_
+
+                found = quantize_linear_(part, self.config)
+                self.quantized_linears.update({f"{name}.{k}": v for k, v in found.items()})
+            if mode:
+                found = pack_linears_(part, mode, rows=rows, report=self.report, prefix=name)
+                self.packed_linears.update({f"{name}.{k}": v for k, v in found.items()})
             setattr(parts, name, part)
         return parts
 
