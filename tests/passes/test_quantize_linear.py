@@ -90,12 +90,20 @@ class TestPrepareModule(TestCase):
 
     def test_shape_skip_warns_once_naming_layers(self):
         model = nn.Sequential(nn.Linear(128, 96), nn.Linear(96, 64), nn.Linear(64, 96))
+        model = model.to(torch.bfloat16)  # float32 would add the slow-kernel warning
         with self.assertLogs("torch_mmgen_opt", level="WARNING") as logs:
             choice = ql.quantize_linear_(model, QuantizeConfig(scheme="int4", group_size=64))
         self.assertEqual(len(logs.records), 1)
         self.assertIn("1 (64, 96): in_features=96", logs.output[0])  # the layer is named
         self.assertEqual(choice["0"], "int4")
         self.assertIn("kernel constraint", choice["1"])
+
+    def test_float32_cpu_warns_slow_kernels(self):
+        with self.assertLogs("torch_mmgen_opt", level="WARNING") as logs:
+            ql.quantize_linear_(nn.Sequential(nn.Linear(64, 32)), "int8")
+        self.assertIn("no fast float32 path", "\n".join(logs.output))
+        with self.assertNoLogs("torch_mmgen_opt", level="WARNING"):
+            ql.quantize_linear_(nn.Sequential(nn.Linear(64, 32)).to(torch.bfloat16), "int8")
 
     def test_bad_input(self):
         with self.assertRaisesRegex(ValueError, "group_size=32"):
