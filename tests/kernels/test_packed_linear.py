@@ -86,11 +86,16 @@ class TestPackedLinear(TestCase):
     def test_does_not_fire(self):
         mlp = MLP()
         self.assertEqual(pack_linears_(mlp, False), {})
+        # "auto": small weights are not even timed
+        result = pack_linears_(mlp, "auto", rows=4)
+        self.assertTrue(all("under 256 KiB" in v for v in result.values()), result)
         # "auto" with a bar no kernel clears: measured, recorded, nothing swapped
-        result = pack_linears_(mlp, "auto", rows=4, threshold=1e9)
-        self.assertTrue(all(v.startswith("measured") for v in result.values()), result)
+        big = nn.Sequential(nn.Linear(512, 256))
+        result = pack_linears_(big, "auto", rows=4, threshold=1e9)
+        self.assertTrue(result["0"].startswith("measured"), result)
         self.assertEqual(counters["mmgen"]["linear_packed"], 0)
         self.assertIs(type(mlp.up), nn.Linear)
+        self.assertIs(type(big[0]), nn.Linear)
         self.assertGreater(measure_gain(4, 256, 64), 0)
         with self.assertRaisesRegex(ValueError, "pack_linear must be"):
             pack_linears_(mlp, "always")

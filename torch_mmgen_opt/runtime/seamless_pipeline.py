@@ -106,12 +106,19 @@ class _DecoderStep(nn.Module):
         super().__init__()
         self.decoder, self.state, self.eos_id = model.decoder, state, model.config.eos_id
 
-    def forward(self, tok, pos, scores, finished):
-        """tok (K,) current tokens at position ``pos`` (1,) -> beam_select outputs."""
+    def forward(self, tok, pos, scores, finished, cross_mask=None):
+        """tok (K,) current tokens at position ``pos`` (1,) -> beam_select outputs.
+
+        ``cross_mask``: ``None`` attends over the whole static ``(1, S_max)`` cross
+        buffers (what CUDA graphs need); a ``(1, S)`` view of the state's mask attends
+        over its first ``S`` keys only (CPU: its length is a dynamic dim of one graph)."""
         dec, st = self.decoder, self.state
         x = dec.embed(tok)[:, None] * dec.scale + dec.pos.index_select(0, pos).to(dec.embed.weight.dtype)
         valid = torch.arange(st.max_len, device=tok.device) <= pos  # (max_len,)
-        cross_allowed = st.cross_mask[:, None, None, :]
+        if cross_mask is None:
+            cross_mask = st.cross_mask
+        S = cross_mask.shape[1]
+        cross_allowed = cross_mask[:, None, None, :]
         for layer, c in zip(dec.layers, st.layers):
             a = layer.self_attn
             h = layer.self_ln(x)
@@ -123,7 +130,8 @@ class _DecoderStep(nn.Module):
             q = ca.heads(ca.q_proj(layer.cross_ln(x)))  # (K, nh, 1, hd)
             # every beam reads the same (1, nh, S, hd) K/V: fold the beams into query rows
             # (1, nh, K, hd) so K/V are read once, not expanded to K copies
-            out = attend(q.transpose(0, 2), c.ck, c.cv, cross_allowed).transpose(0, 2)
+            out = attend(q.transpose(0, 2), c.ck[:, :, :S], c.cv[:, :, :S], cross_allowed)
+            out = out.transpose(0, 2)
             x = x + ca.merge(out)
             x = x + layer.ffn(layer.ffn_ln(x))
         logits = dec.lm_head(dec.final_ln(x))[:, 0]  # (K, vocab)
@@ -292,6 +300,7 @@ class OptimizedSeamless:
         self._scores0 = torch.full((K,), float("-inf"), device=self.device)
         self._scores0[0] = 0.0
         self._finished0 = torch.zeros(K, dtype=torch.bool, device=self.device)
+        self._cross_view: tuple[torch.Tensor, ...] = ()  # set per utterance by run_encoder
 
         wrap = self._compile if compile else (lambda m, cuda_graphs, dynamic=False: m)
         # exact lengths: the frame dim is marked dynamic per call (run_encoder), not every
@@ -375,6 +384,11 @@ class OptimizedSeamless:
         st = self.state
         st.cross_mask.zero_()
         st.cross_mask[:, :S].copy_(mask)
+        self._cross_view = ()  # padded: the decoder step attends over all of S_max
+        if not self.pad_to_buckets:  # exact: over the first S keys, S a dynamic dim
+            view = st.cross_mask[:, :S]
+            torch._dynamo.maybe_mark_dynamic(view, 1)
+            self._cross_view = (view,)
         for i, c in enumerate(st.layers):
             c.ck[:, :, :S].copy_(kv[2 * i])
             c.cv[:, :, :S].copy_(kv[2 * i + 1])
@@ -389,7 +403,8 @@ class OptimizedSeamless:
         steps = 0
         for t in range(cfg.max_new_tokens):
             pos = self._positions[t]
-            tok, beam_idx, scores, finished = (o.clone() for o in self.step(tok, pos, scores, finished))
+            out = self.step(tok, pos, scores, finished, *self._cross_view)
+            tok, beam_idx, scores, finished = (o.clone() for o in out)
             self.reorder(beam_idx, tok, pos)
             steps = t + 1
             if steps % self.sync_every == 0 and bool(finished.all()):
