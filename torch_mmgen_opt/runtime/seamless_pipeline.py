@@ -26,10 +26,16 @@ study's ("Accelerating Generative AI with PyTorch IV: Seamless M4T, fast"):
 - **vocoder**: units zero-padded to a unit bucket with their length (the vocoder masks
   activations past it), one static graph per bucket; the waveform is trimmed after.
 
-Every stage is compiled with ``torch.compile(fullgraph=True, dynamic=False)`` and the
-``"mmgen"`` backend bound to the config; CUDA graphs are on (on CUDA) for every stage but
-the reorder. :meth:`OptimizedSeamless.stage_times` and :func:`eager_stage_times` give
-the per-stage breakdown (encoder, decoder, t2u, vocoder).
+Every stage is compiled with ``torch.compile(fullgraph=True)`` and the ``"mmgen"``
+backend bound to the config; CUDA graphs are on (on CUDA) for every stage but the
+reorder. The bucket padding above is the CUDA default (``pad_to_buckets``). On CPU,
+where nothing is captured: the encoder sees the exact frames (one graph, frame dim
+dynamic), the decoder step attends over the utterance's ``S`` cross keys (``S`` dynamic),
+the vocoder runs uncompiled with channels-last convolutions on the exact units, and the
+float32 linears of the encoder, decoder and T2U copies go through packed oneDNN
+(``pack_linear``); see :class:`OptimizedSeamless`. :meth:`OptimizedSeamless.stage_times`
+and :func:`eager_stage_times` give the per-stage breakdown (encoder, decoder, t2u,
+vocoder).
 """
 
 from __future__ import annotations
