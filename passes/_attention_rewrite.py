@@ -1,7 +1,7 @@
 """Graph editing for :mod:`fuse_attention`, apart from the SDPA splice itself.
 
-- :func:`_emit`: insert one aten node with its ``meta["val"]`` (computed under the fake
-  mode of its tensor arguments), the building block of every rewrite;
+- :func:`_emit` (``graph_utils.emit_node``): insert one aten node with its ``meta["val"]``,
+  the building block of every rewrite;
 - :func:`_build_mask`: one SDPA ``attn_mask`` from the masks a :class:`_Site` collected;
 - :func:`_guard`: softmax over a non-last dim -> ``permute -> softmax(last) -> permute``
   (the correctness guard for pytorch/pytorch#196468);
@@ -14,38 +14,16 @@ Tracing and splicing SDPA (``_sdpa_graph``, ``_fuse``) stay in ``fuse_attention.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Sequence
-from typing import Any
-
-import torch
 import torch.fx as fx
 
-from torch_mmgen_opt.graph_utils import aten
+from torch_mmgen_opt.graph_utils import aten, emit_node, fake_mode_of
 from torch_mmgen_opt.passes._attention_match import _Site, _Softmax, _val
 
 # ----------------------------------------------------------------------- emitting nodes
 
-
-def _fake_mode(vals: Sequence[Any]) -> Any:
-    from torch._guards import detect_fake_mode
-
-    return detect_fake_mode(vals)
-
-
-def _emit(
-    graph: fx.Graph, target: Any, args: tuple, kwargs: dict | None = None, like: Any = None
-) -> fx.Node:
-    """Insert ``target(*args)`` at the current insertion point with ``meta["val"]``
-    (computed under the fake mode of the tensor arguments, or of ``like``)."""
-    kwargs = kwargs or {}
-    node = graph.call_function(target, args, kwargs)
-    vals = fx.map_arg((args, kwargs), lambda n: n.meta["val"])
-    flat = [v for v in torch.utils._pytree.tree_leaves(vals) if isinstance(v, torch.Tensor)]
-    mode = _fake_mode(flat or ([_val(like)] if like is not None else []))
-    with mode if mode is not None else contextlib.nullcontext():
-        node.meta["val"] = target(*vals[0], **vals[1])
-    return node
+# shared with every pass that inserts nodes
+_emit = emit_node
+_fake_mode = fake_mode_of
 
 
 # ----------------------------------------------------------------------------- the mask

@@ -24,6 +24,7 @@ it did where through :meth:`PassContext.record`, which ``explain()`` shows.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Sequence
@@ -44,6 +45,8 @@ __all__ = [
     "PassReport",
     "STAGES",
     "aten",
+    "emit_node",
+    "fake_mode_of",
     "graph_snapshot",
     "graph_restore",
     "node_location",
@@ -161,6 +164,29 @@ def is_target(node: Any, *targets: Any) -> bool:
         ) is t:
             return True
     return False
+
+
+def fake_mode_of(vals: Sequence[Any]) -> Any:
+    """The fake mode the (fake) tensors ``vals`` belong to, or ``None``."""
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode(vals)
+
+
+def emit_node(
+    graph: fx.Graph, target: Any, args: tuple, kwargs: dict | None = None, like: Any = None
+) -> fx.Node:
+    """Insert ``target(*args, **kwargs)`` at the graph's insertion point with its
+    ``meta["val"]`` computed under the fake mode of the tensor arguments (or of the node
+    ``like`` when there are none), as later passes and lowering expect."""
+    kwargs = kwargs or {}
+    node = graph.call_function(target, args, kwargs)
+    vals = fx.map_arg((args, kwargs), lambda n: n.meta["val"])
+    flat = [v for v in torch.utils._pytree.tree_leaves(vals) if isinstance(v, torch.Tensor)]
+    mode = fake_mode_of(flat or ([tensor_meta(like)] if like is not None else []))
+    with mode if mode is not None else contextlib.nullcontext():
+        node.meta["val"] = target(*vals[0], **vals[1])
+    return node
 
 
 def node_location(node: fx.Node) -> str:
