@@ -18,7 +18,7 @@ PASS_MODULES: tuple[str, ...] = (
     "hstu_attention",
     "static_kv_shapes",
     "skip_layers",
-
+    "decode_gemv",
 )
 
 

@@ -197,6 +197,9 @@ class OptimizeConfig:
             once (``kernels/packed_linear.py``): ``True`` every eligible layer, ``"auto"``
             where measured faster for the decode shape, ``False`` never; ``None`` = the
             workload's default (``"auto"`` in the Seamless pipeline, off for other models).
+        decode_gemv: rewrite float32 CPU matmuls with at most 8 static rows (decode
+            steps) into per-row multiply-reduce that Inductor fuses into one loop over
+            each weight (``passes/decode_gemv.py``); ``False`` leaves them to MKL.
         compile: :class:`CompileConfig`.
     """
 
@@ -209,6 +212,7 @@ class OptimizeConfig:
     max_batch_size: int = 1
     prefill_buckets: tuple[int, ...] | None = None
     pack_linear: bool | str | None = None
+    decode_gemv: bool = True
     compile: CompileConfig = field(default_factory=CompileConfig)
 
     def __post_init__(self) -> None:
@@ -261,6 +265,7 @@ class OptimizeConfig:
             raise ValueError(
                 f"pack_linear must be None, True, False or 'auto', got {self.pack_linear!r}"
             )
+        _check_type("decode_gemv", self.decode_gemv, bool, "True or False")
         if isinstance(self.compile, dict):
             object.__setattr__(self, "compile", CompileConfig(**self.compile))
         elif not isinstance(self.compile, CompileConfig):
