@@ -163,7 +163,7 @@ class _BeamReorder(nn.Module):
 class _T2UStage(nn.Module):
     def __init__(self, model: Seamless, state: _State) -> None:
         super().__init__()
-        self.decoder, self.t2u, self.state = model.decoder, model.t2u, state
+        self.decoder, self.t2u, self.state = model.t2u_decoder, model.t2u, state
         self.max_duration = model.config.max_duration
 
     def forward(self, seq: torch.Tensor, n_text: torch.Tensor):
@@ -327,30 +327,47 @@ class OptimizedSeamless:
           (``passes/quantize_linear.py``: the same per-layer choice as for any model);
         - with ``pack_linear`` (by default ``"auto"`` for float32 on CPU), the remaining
           chosen float ``nn.Linear`` go through the packed oneDNN kernel.
+
+        The decoder step multiplies ``beam_size`` rows: where ``decode_gemv`` rewrites
+        those matmuls (float32 CPU, at most ``MAX_ROWS`` beams) its copy is not packed,
+        since the rewritten code is faster and an opaque packed call would hide the
+        matmul from the pass. The T2U stage runs the decoder over the whole text
+        (``text_bucket`` rows), so it gets its own copy, packed for that shape.
         """
+        from torch_mmgen_opt.passes.decode_gemv import MAX_ROWS
+
         from ..kernels.packed_linear import pack_linears_
 
         cfg = model.config
         mode = self.config.pack_linear
+        cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
         if mode is None:
-            mode = "auto" if self.device.type == "cpu" and self.dtype == torch.float32 else False
+            mode = "auto" if cpu_fp32 else False
+        gemv_step = self.config.decode_gemv and cpu_fp32 and cfg.beam_size <= MAX_ROWS
         parts = SimpleNamespace(config=cfg, encoder=model.encoder, decoder=model.decoder,
-                                t2u=model.t2u)
+                                t2u=model.t2u, t2u_decoder=model.decoder)
         self.packed_linears: dict[str, str] = {}
         self.quantized_linears: dict[str, str] = {}
         if not mode and self.config.quantize is None:
             return parts
         # rows per call at each stage's hot shape: encoder frames, one per beam, text bucket
         s_min = int(model.encoder.out_lengths(torch.tensor(self.frame_buckets[0])))
-        for name, rows in (("encoder", s_min), ("decoder", cfg.beam_size),
-                           ("t2u", self.text_bucket)):
-            part = _share_copy(getattr(model, name))
+        plan = (("encoder", "encoder", s_min, True),
+                ("decoder", "decoder", cfg.beam_size, not gemv_step),
+                ("t2u_decoder", "decoder", self.text_bucket, True),
+                ("t2u", "t2u", self.text_bucket, True))
+        for name, source, rows, pack in plan:
+            if name == "t2u_decoder" and not mode:
+                parts.t2u_decoder = parts.decoder  # nothing differs: share the step's copy
+                continue
+            part = _share_copy(getattr(model, source))
             if self.config.quantize is not None:
                 from torch_mmgen_opt.passes.quantize_linear import quantize_linear_
 
                 found = quantize_linear_(part, self.config)
-                self.quantized_linears.update({f"{name}.{k}": v for k, v in found.items()})
-            if mode:
+                if name != "t2u_decoder":  # the same layers as the step's copy
+                    self.quantized_linears.update({f"{name}.{k}": v for k, v in found.items()})
+            if mode and pack:
                 found = pack_linears_(part, mode, rows=rows, report=self.report, prefix=name)
                 self.packed_linears.update({f"{name}.{k}": v for k, v in found.items()})
             setattr(parts, name, part)
