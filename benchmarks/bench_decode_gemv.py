@@ -94,6 +94,9 @@ def main(
     nbytes = _weight_bytes(Stack(dim, ffn, layers, vocab))
     table = []
     for M in rows:
+        # fresh Dynamo state: a second row count would otherwise be compiled with the
+        # rows as a dynamic dim (automatic dynamic shapes), which the pass leaves alone
+        torch._dynamo.reset()
         x = torch.randn(M, 1, dim)
         fns, compile_s, outs = {}, {}, {}
         for name, options in variants.items():
