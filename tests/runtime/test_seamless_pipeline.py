@@ -63,6 +63,12 @@ class TestStaticRuntime(TestCase):
                        for part in (model.encoder, model.decoder, model.t2u) for m in part.modules())
         self.assertEqual(len(packed), n_linear)
         self.assertEqual(counters["mmgen"]["linear_packed"], n_linear)
+        # the step's decoder copy is left to decode_gemv; T2U's copy is packed
+        self.assertFalse(any(k.startswith("decoder.") for k in packed))
+        self.assertTrue(any(k.startswith("t2u_decoder.") for k in packed))
+        gemv_off = OptimizedSeamless(model, OptimizeConfig(pack_linear=True, decode_gemv=False),
+                                     frame_buckets=(64, 128), compile=False)
+        self.assertTrue(any(k.startswith("decoder.") for k in gemv_off.packed_linears))
         self.assertIs(type(model.decoder.lm_head), torch.nn.Linear)  # the model is not edited
         for T, _ in LENGTHS:
             with self.subTest(T=T):
@@ -157,6 +163,8 @@ class TestCompiledPipeline(TestCase):
             if bucket in graphs_after_bucket:  # same bucket: no recompile
                 self.assertEqual(graphs, graphs_after_bucket[bucket])
             graphs_after_bucket[bucket] = graphs
+            # decode steps after the first skip Dynamo's guards; the stance ends with them
+            self.assertFalse(torch._dynamo.eval_frame._stance.skip_guard_eval_unsafe)
         if opt.pad_to_buckets:
             # encoder x 2 buckets, decoder step, reorder, text-to-unit, vocoder x 1 bucket
             expected = 6 if opt.compiled_vocoder else 5
@@ -174,6 +182,23 @@ class TestCompiledPipeline(TestCase):
     def test_compiled_padded_to_buckets_cpu(self):
         opt = self._run_compiled("cpu", pad_to_buckets=True, pack_linear=False)
         self.assertTrue(opt.pad_to_buckets)
+
+    def test_decode_gemv_rewrites_the_step(self):
+        """With FFN and vocabulary large enough for decode_gemv, the step's FFN and head
+        matmuls (3 beams) are rewritten, and tokens stay identical to eager."""
+        model = build("seamless", "tiny", vocab_size=1024, dec_ffn=1024, eos_id=184)
+        opt = mmgen.optimize(model, prefill_buckets=(64, 128))
+        for T in (40, 100):
+            with self.subTest(T=T):
+                tokens, wav = model(_fbank(T))
+                tokens_o, wav_o = opt(_fbank(T))
+                self.assertEqual(tokens_o, tokens, atol=0, rtol=0)
+                torch.testing.assert_close(wav_o, wav, rtol=1e-4, atol=1e-4)
+        layers = model.config.dec_layers
+        self.assertEqual(counters["mmgen"]["gemv_rewritten"], 2 * layers + 1)  # fc1, fc2; head
+        rewritten = [e.detail for e in opt.report.events if e.kind == "gemv_rewritten"]
+        self.assertEqual(rewritten.count("3 rows x 1024 outputs"), layers + 1)  # fc1s, head
+        self.assertFalse(any(k.startswith("decoder.") for k in opt.packed_linears))
 
     @unittest.skipIf(not torch.cuda.is_available(), "needs CUDA")
     def test_compiled_cuda_graphs(self):
