@@ -9,9 +9,10 @@ on CPU goes to MKL (or oneDNN), whose few-row path reads them slowly on the deve
 machine (AMD EPYC, AVX2): 5-8 GB/s out of ~27 GB/s the memory gives two threads. Written
 as ``out[i] = (W * x[i]).sum(-1)`` for each row ``i``, Inductor fuses the ``M``
 reductions (same ranges, same weight) into one vectorised C++ loop with ``M``
-accumulators that reads each weight row once: 13-19 GB/s at the small Seamless
-decoder's shapes with 4 rows (``benchmarks/bench_decode_gemv.py`` measures it in a
-compiled step). It is a rewrite of the graph, so the weights stay ordinary tensors.
+accumulators that reads each weight row once. ``benchmarks/bench_decode_gemv.py``
+(a compiled step with the small Seamless decoder's shapes, 92 MB of weights): 1.7x,
+2.9x and 1.9x Inductor's MKL calls at 1, 4 and 8 rows (``docs/passes/decode_gemv.md``).
+It is a rewrite of the graph, so the weights stay ordinary tensors.
 
 What it matches: ``aten.mm(x, w_t)`` and ``aten.addmm(bias, x, w_t)`` (``beta = alpha =
 1``) where
@@ -23,7 +24,7 @@ What it matches: ``aten.mm(x, w_t)`` and ``aten.addmm(bias, x, w_t)`` (``beta = 
 - everything is float32 on CPU.
 
 What it leaves alone (each recorded as ``gemv_skipped`` with the reason): other dtypes
-(for bfloat16 the library call measured as fast or faster on AVX2), devices, a dynamic
+(bfloat16 at one row measured 0.7-1.0x the library call on AVX2), devices, a dynamic
 or larger ``M`` (prefill), a weight that is not a transposed contiguous matrix, small
 weights, ``addmm`` with ``beta``/``alpha``.
 
