@@ -106,5 +106,31 @@ class TestBackendEntryPoint(TestCase):
             torch.compile(Tiny(), backend="mmgen", options={"bogus": 1})(x)
 
 
+class TestInputAsserts(TestCase):
+    """Inductor's per-call input asserts are off by default (Dynamo's guards check the
+    same), per compile only, and back with ``CompileConfig(input_asserts=True)``."""
+
+    def test_patches_and_generated_code(self):
+        import torch._inductor.config as inductor_config
+        from torch._inductor.utils import run_and_get_code
+
+        from torch_mmgen_opt.api import inductor_patches
+
+        cpu = torch.device("cpu")
+        patches = inductor_patches(mmgen.OptimizeConfig(), cpu)
+        self.assertIs(patches["size_asserts"], False)
+        on = mmgen.OptimizeConfig(compile=mmgen.CompileConfig(input_asserts=True))
+        self.assertNotIn("size_asserts", inductor_patches(on, cpu))
+        x = torch.randn(2, 8)
+        for config, present in ((mmgen.OptimizeConfig(), False), (on, True)):
+            with self.subTest(input_asserts=present):
+                torch._dynamo.reset()
+                m = Tiny().eval()
+                out, (code,) = run_and_get_code(mmgen.optimize(m, config=config), x)
+                self.assertEqual(out, m(x))
+                self.assertEqual("'input')" in code, present)  # assert_size_stride(x, .., 'input')
+        self.assertTrue(inductor_config.size_asserts)  # nothing global was changed
+
+
 if __name__ == "__main__":
     run_tests()

@@ -59,6 +59,7 @@ def inductor_patches(
     passes: Sequence[GraphPass] | None = None,
 ) -> dict[str, Any]:
     """The ``config_patches`` for ``compile_fx``: our pass managers and compile options."""
+    from torch._inductor import config as inductor_config
     from torch._inductor import list_mode_options
 
     patches: dict[str, Any] = {}
@@ -73,6 +74,12 @@ def inductor_patches(
         patches.update(list_mode_options(mode))
     if config.compile.freezing is not None:
         patches["freezing"] = config.compile.freezing
+    if not config.compile.input_asserts:
+        # Dynamo's guards already check every input; the generated code's own per-call
+        # asserts are ~1.5 us an input (a decode step has one input per weight)
+        for key in ("size_asserts", "alignment_asserts"):
+            if hasattr(inductor_config, key):
+                patches[key] = False
     cuda_graphs = config.cuda_graphs
     if cuda_graphs is None:
         cuda_graphs = config.static_kv or mode == "reduce-overhead"

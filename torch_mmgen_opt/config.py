@@ -160,12 +160,16 @@ class CompileConfig:
             bypasses the FX graph cache). ``None`` picks per device.
         fullgraph: raise on graph breaks instead of splitting the graph.
         dynamic: as in ``torch.compile``.
+        input_asserts: keep Inductor's size/stride and alignment asserts on every graph
+            input at every call. They repeat what Dynamo's guards check and cost ~1.5 us
+            per input: ~0.3 ms of a 170-input decode step on CPU. Off by default.
     """
 
     mode: str | None = None
     freezing: bool | None = None
     fullgraph: bool = False
     dynamic: bool | None = None
+    input_asserts: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in _COMPILE_MODES:
@@ -173,6 +177,7 @@ class CompileConfig:
         if self.freezing is not None:
             _check_type("CompileConfig.freezing", self.freezing, bool, "True, False or None")
         _check_type("CompileConfig.fullgraph", self.fullgraph, bool, "True or False")
+        _check_type("CompileConfig.input_asserts", self.input_asserts, bool, "True or False")
 
 
 @dataclass(frozen=True, kw_only=True)
