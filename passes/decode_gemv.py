@@ -72,6 +72,8 @@ def _reason_skipped(node: fx.Node) -> str | None:
         return "dynamic row count"
     if rows > MAX_ROWS:
         return f"{rows} rows > {MAX_ROWS}"
+    if rows < 1:
+        return "no rows"
     K, N = wv.shape
     if not isinstance(K, int) or not isinstance(N, int):
         return "dynamic weight shape"

@@ -92,6 +92,7 @@ class TestDecodeGemvGraph(TestCase):
                          "float32 only"),
             # x @ W with W a contiguous (K, N): not a transposed nn.Linear weight
             "plain matrix": (lambda x, w: x @ w, (torch.randn(4, 512), w), "not the transpose"),
+            "no rows": (lambda x, w: F.linear(x, w), (torch.randn(0, 256), w), "no rows"),
             "addmm beta": (lambda x, w, b: torch.addmm(b, x, w.t(), beta=0.5),
                            (torch.randn(4, 256), w, b), "beta/alpha"),
         }
