@@ -90,6 +90,10 @@ class TestStaticRuntime(TestCase):
         self.assertEqual(opt.packed_linears, {"t2u_decoder.lm_head": "packed"})
         decoder = opt.step.decoder
         self.assertIsInstance(decoder.layers[0].ffn.fc1, QuantizedLinear)
+        # T2U's decoder copy (packed for its own row count) shares the quantized weights
+        t2u_fc1 = opt.text_to_unit.decoder.layers[0].ffn.fc1
+        self.assertIsNot(opt.text_to_unit.decoder, decoder)
+        self.assertIs(t2u_fc1.qweight, decoder.layers[0].ffn.fc1.qweight)
         self.assertIs(type(model.decoder.layers[0].ffn.fc1), torch.nn.Linear)
         with torch.no_grad():
             enc, mask = model.encoder(_fbank(40), torch.tensor([40]))

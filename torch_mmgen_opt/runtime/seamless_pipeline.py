@@ -354,20 +354,24 @@ class OptimizedSeamless:
             return parts
         # rows per call at each stage's hot shape: encoder frames, one per beam, text bucket
         s_min = int(model.encoder.out_lengths(torch.tensor(self.frame_buckets[0])))
-        plan = (("encoder", "encoder", s_min, True),
-                ("decoder", "decoder", cfg.beam_size, not gemv_step),
-                ("t2u_decoder", "decoder", self.text_bucket, True),
-                ("t2u", "t2u", self.text_bucket, True))
+        # (part, what it copies, rows at its hot shape, pack it); T2U's decoder copies the
+        # step's copy once that is done, so quantized layers are shared, not redone
+        plan = (("encoder", model.encoder, s_min, True),
+                ("decoder", model.decoder, cfg.beam_size, not gemv_step),
+                ("t2u_decoder", None, self.text_bucket, True),
+                ("t2u", model.t2u, self.text_bucket, True))
         for name, source, rows, pack in plan:
-            if name == "t2u_decoder" and not mode:
-                parts.t2u_decoder = parts.decoder  # nothing differs: share the step's copy
-                continue
-            part = _share_copy(getattr(model, source))
-            if self.config.quantize is not None:
-                from torch_mmgen_opt.passes.quantize_linear import quantize_linear_
+            if name == "t2u_decoder":
+                if not (mode and gemv_step):  # packed alike (or not at all): share it
+                    parts.t2u_decoder = parts.decoder
+                    continue
+                part = _share_copy(parts.decoder)
+            else:
+                part = _share_copy(source)
+                if self.config.quantize is not None:
+                    from torch_mmgen_opt.passes.quantize_linear import quantize_linear_
 
-                found = quantize_linear_(part, self.config)
-                if name != "t2u_decoder":  # the same layers as the step's copy
+                    found = quantize_linear_(part, self.config)
                     self.quantized_linears.update({f"{name}.{k}": v for k, v in found.items()})
             if mode and pack:
                 found = pack_linears_(part, mode, rows=rows, report=self.report, prefix=name)
