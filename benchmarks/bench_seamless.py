@@ -47,7 +47,9 @@ def main(
     t0 = time.perf_counter()
     opt = mmgen.optimize(model, prefill_buckets=tuple(frame_buckets), quantize=quantize)
     prepare_s = time.perf_counter() - t0  # weight_norm folding, packing (with "auto" timing)
+    _progress(f"optimize() in {prepare_s:.1f} s; first call (compiles every stage) ...")
     compile_s, (tokens_o, wav_o) = timed_first_call(lambda: opt(fbank), device)
+    _progress(f"first call in {compile_s:.1f} s; timing {repeats} repeats ...")
     tokens, wav = model(fbank)
     same_tokens = torch.equal(tokens, tokens_o)
     max_wav_diff = (wav - wav_o).abs().max().item() if wav.shape == wav_o.shape else float("nan")
@@ -109,6 +111,13 @@ def main(
         )
         result["path"] = str(path)
     return result
+
+
+def _progress(msg: str) -> None:
+    """A line on stderr as each phase ends, so a run cut short says where it was."""
+    import sys
+
+    print(f"[bench_seamless] {msg}", file=sys.stderr, flush=True)
 
 
 def _parse() -> dict[str, Any]:

@@ -3,18 +3,20 @@
 # each step under its own timeout so a hang costs one step, not the lease. Everything
 # (logs, result tables) lands under $OUT; the last lines printed are a short summary.
 #
-#   run(command="bash benchmarks/gpu_session.sh", timeout_s=540)     # the device tool
-#   STEPS="tests seamless" bash benchmarks/gpu_session.sh            # a subset
+#   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=480)
+#   STEPS="tests harness" bash benchmarks/gpu_session.sh            # a subset
 #
 # The device image has torch 2.11 + CUDA and Triton but no network: the package goes in
 # without dependencies; expecttest (needed by torch's TestCase) comes from .whl/ when the
 # checkout carries it there.
 set -u
+export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_session_out}
 mkdir -p "$OUT"
 PY=${PY:-python3}
-STEPS=${STEPS:-"tests seamless decode_gemv"}
+STEPS=${STEPS:-"seamless tests"}
 summary=()
+stamp=$(mktemp)  # result tables newer than this are the ones this call wrote
 
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 secs=$2
@@ -26,26 +28,39 @@ step() {  # step NAME SECONDS COMMAND...
     tail -5 "$OUT/$name.log"
 }
 
-$PY -m pip install --no-deps --no-build-isolation --no-index -e . > "$OUT/install.log" 2>&1
-for whl in .whl/*.whl; do
-    [ -f "$whl" ] && $PY -m pip install --no-deps --no-index "$whl" >> "$OUT/install.log" 2>&1
-done
+# The package: editable into the image's environment, else a plain install beside it.
+# expecttest (torch's TestCase needs it; not in the image) from .whl/ when carried.
+{
+    if ls .whl/*.whl > /dev/null 2>&1; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+        export PYTHONPATH=/tmp/site
+    fi
+    $PY -m pip install --no-deps --no-build-isolation --no-index -e . \
+        || $PY -m pip install --no-deps --no-build-isolation --no-index --target /tmp/site .
+    $PY -c "import torch, torch_mmgen_opt, torch_mmgen_opt.passes, expecttest
+print('mmgen backend registered:', 'mmgen' in torch._dynamo.list_backends())"
+} > "$OUT/install.log" 2>&1
+tail -2 "$OUT/install.log"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 $PY -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)" \
     >> "$OUT/gpu.txt" 2>&1
 
 for s in $STEPS; do
     case $s in
-        tests)  # the tests that skip without CUDA (7 selected on CPU, 6 of them skipped)
-            step tests 240 $PY -m pytest -q -rs -p no:cacheprovider tests \
+        tests)  # tests/test_cuda.py and the CUDA tests beside the CPU ones (skipped on CPU)
+            step tests 150 $PY -m pytest -q -rs -n 4 --tb=short -p no:cacheprovider tests \
                 -k "cuda or Triton or speech_encoder" ;;
         seamless)  # the published large shapes, bf16, per stage and end to end
             step seamless 300 $PY -m benchmarks.bench_seamless --device cuda --size large \
                 --dtype bfloat16 --repeats 3 ;;
+        harness)  # the main harness, Llama 7B shapes: eager against static KV + CUDA graphs
+            step harness 200 $PY -m benchmarks.harness --device cuda --size 7b \
+                --rows eager,static_kv,quantize --new-tokens 64 --repeats 3 --no-characterize ;;
         decode_gemv)  # CPU-only pass: on the GPU box's CPU, for a second machine's numbers
             step decode_gemv 120 $PY -m benchmarks.bench_decode_gemv --rows 1 4 --repeats 10 ;;
     esac
 done
-cp -r benchmarks/results "$OUT/results" 2>/dev/null
+# at most 8 files come back: the logs above and the tables this call wrote
+find benchmarks/results -type f -newer "$stamp" -exec cp {} "$OUT/" \;
 cat "$OUT/gpu.txt"
 printf '%s\n' "${summary[@]}"
