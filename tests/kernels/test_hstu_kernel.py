@@ -67,6 +67,29 @@ class HSTUReferenceTest(TestCase):
                 self.assertEqual(out.shape, (sum(lengths), H, dv))
                 torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
 
+    def test_padding_round_trip_with_empty_and_full_sequences(self):
+        lengths, N = [3, 0, 8, 0, 1, 5], 8  # empty histories, one of exactly N
+        values = torch.randn(sum(lengths), 2, 3, generator=torch.Generator().manual_seed(3))
+        offsets = torch.tensor([0, *lengths]).cumsum(0)
+        padded = hstu.jagged_to_padded(values, offsets, N)
+        for b, (s, e) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+            self.assertEqual(padded[b, : e - s], values[s:e], atol=0, rtol=0)
+            self.assertEqual(padded[b, e - s:], torch.zeros_like(padded[b, e - s:]))
+        self.assertEqual(hstu.padded_to_jagged(padded, offsets, values.shape[0]), values,
+                         atol=0, rtol=0)
+        compiled = torch.compile(hstu.padded_to_jagged, fullgraph=True)
+        self.assertEqual(compiled(padded, offsets, values.shape[0]), values, atol=0, rtol=0)
+
+    def test_padded_to_jagged_searches_unsliced_offsets(self):
+        # Inductor in torch < 2.13 ignores a sliced view's storage offset in its CUDA
+        # searchsorted (pytorch/pytorch#182343): the boundaries must be the input itself.
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        offsets = torch.tensor([0, 3, 3, 9])
+        gm = make_fx(lambda p, o: hstu.padded_to_jagged(p, o, 9))(torch.randn(3, 6, 2), offsets)
+        (node,) = [n for n in gm.graph.nodes if n.target == torch.ops.aten.searchsorted.Tensor]
+        self.assertEqual(node.args[0].op, "placeholder")
+
     def test_fake_impls_give_output_shapes(self):
         with FakeTensorMode():
             q, k = torch.empty(2, 4, 16, 8), torch.empty(2, 4, 16, 8)

@@ -111,7 +111,11 @@ def padded_to_jagged(padded: Tensor, offsets: Tensor, total: int) -> Tensor:
     """(B, N, *rest) -> (T, *rest): the inverse of :func:`jagged_to_padded` on valid rows."""
     B, N = padded.shape[:2]
     rows = torch.arange(total, device=padded.device)
-    seq = torch.searchsorted(offsets[1:].contiguous(), rows, right=True)  # (T,) sequence id
+    # (T,) sequence id: offsets <= row, less one. The whole offsets tensor is searched, not
+    # offsets[1:]: Inductor in torch < 2.13 drops a sliced view's storage offset in its
+    # CUDA bucketize (pytorch/pytorch#182343), which shifted every row of a sequence
+    # shorter than N (measured on an H100, torch 2.11: up to 3.5 off).
+    seq = torch.searchsorted(offsets, rows, right=True) - 1
     pos = rows - offsets[seq]
     return padded.reshape(B * N, *padded.shape[2:])[seq * N + pos]
 
