@@ -48,14 +48,18 @@ $PY -c "import torch, triton; print(torch.__version__, torch.version.cuda, trito
 for s in $STEPS; do
     case $s in
         tests)  # tests/test_cuda.py and the CUDA tests beside the CPU ones (skipped on CPU)
-            step tests 150 $PY -m pytest -q -rs -n 4 --tb=short -p no:cacheprovider tests \
+            step tests 100 $PY -m pytest -q -rs -n 4 --tb=short -p no:cacheprovider tests \
                 -k "cuda or Triton or speech_encoder" ;;
         seamless)  # the published large shapes, bf16, per stage and end to end
             step seamless 300 $PY -m benchmarks.bench_seamless --device cuda --size large \
                 --dtype bfloat16 --repeats 3 ;;
         harness)  # the main harness, Llama 7B shapes: eager against static KV + CUDA graphs
-            step harness 200 $PY -m benchmarks.harness --device cuda --size 7b \
-                --rows eager,static_kv,quantize --new-tokens 64 --repeats 3 --no-characterize ;;
+            step harness 150 $PY -m benchmarks.harness --device cuda --size 7b \
+                --rows eager,static_kv --new-tokens 32 --repeats 2 --no-characterize ;;
+        diag)  # throwaway diagnostics carried with the call (carry=["diag"]), one step each
+            for f in diag/*.py; do
+                [ -f "$f" ] && step "diag-$(basename "$f" .py)" 120 $PY "$f"
+            done ;;
         decode_gemv)  # CPU-only pass: on the GPU box's CPU, for a second machine's numbers
             step decode_gemv 120 $PY -m benchmarks.bench_decode_gemv --rows 1 4 --repeats 10 ;;
     esac

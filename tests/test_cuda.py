@@ -4,7 +4,8 @@ What only runs on CUDA: the tinygemm int4, the dequantize-in-matmul int8 and the
 ``torch._int_mm`` int8_dynamic kernels (eager and under Inductor); ``optimize(static_kv=
 True)`` with CUDA graphs over the static cache (greedy and beam search against eager, no
 recompiles, no CUDA-graph blocker); int8 weight-only decoding end to end; LayerSkip
-self-speculative decoding with compiled draft and verify graphs. The HSTU Triton kernel,
+self-speculative decoding with compiled draft and verify graphs; a torch 2.11 Inductor
+bug worked around in ``padded_to_jagged``. The HSTU Triton kernel,
 fuse_attention and the Seamless pipeline have their CUDA tests beside their CPU ones.
 """
 
@@ -58,17 +59,34 @@ class TestCudaQuantKernels(TestCase):
                 self.assertGreaterEqual(sqnr(out.float(), compiled(x).float()), 40.0)
 
     def test_int4_dequantize_matches_zero_point_formula(self):
-        w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)).bfloat16()
+        # q computed on the GPU, as quantize_weight does: a value on a rounding tie can
+        # land on the other int4 step on the CPU (seen: 10 of 16384, one step apart)
+        w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)).bfloat16().cuda()
         q, sz = quant.quantize_int4_grouped(w, 64)
         scale = sz[..., 0].t().float().repeat_interleave(64, dim=1)
         zero = sz[..., 1].t().float().repeat_interleave(64, dim=1)
         manual = (q.float() - 8) * scale + zero
-        got = quant.dequantize(quant.quantize_weight(w.cuda(), "int4", 64)).cpu()
+        got = quant.dequantize(quant.quantize_weight(w, "int4", 64))
         self.assertEqual(got, manual, atol=2e-2, rtol=2e-2)  # bf16 scales and products
 
     def test_float32_int4_refused(self):
         with self.assertRaisesRegex(ValueError, "bfloat16"):
             quant.quantize_weight(torch.randn(64, 128, device="cuda"), "int4")
+
+
+@unittest.skipIf(not CUDA, "needs CUDA")
+class TestCudaInductorWorkarounds(TestCase):
+    def test_compiled_padded_to_jagged_on_ragged_batch(self):
+        # Was wrong under torch 2.11 Inductor for every history shorter than N (sliced
+        # searchsorted boundaries, pytorch/pytorch#182343); the HSTU model goes through it.
+        from torch_mmgen_opt.kernels.hstu import padded_to_jagged
+
+        lengths, N = [5, 64, 17, 1], 64
+        offsets = torch.tensor([0, *lengths]).cumsum(0).cuda()
+        padded = torch.randn(len(lengths), N, 7, device="cuda")
+        fn = torch.compile(lambda p, o: padded_to_jagged(p, o, sum(lengths)), fullgraph=True)
+        self.assertEqual(fn(padded, offsets), padded_to_jagged(padded, offsets, sum(lengths)),
+                         atol=0, rtol=0)
 
 
 @unittest.skipIf(not CUDA, "needs CUDA")
