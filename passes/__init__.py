@@ -19,6 +19,7 @@ PASS_MODULES: tuple[str, ...] = (
     "static_kv_shapes",
     "skip_layers",
     "decode_gemv",
+    "searchsorted_slice",
 )
 
 

@@ -89,6 +89,20 @@ class TestCudaInductorWorkarounds(TestCase):
                          atol=0, rtol=0)
 
 
+    def test_search_over_a_slice_under_the_mmgen_backend(self):
+        # torch 2.11's Inductor searched offsets[1:] from offsets[0] on CUDA; the
+        # searchsorted_slice pass searches the whole tensor and shifts the count
+        def seq_of_row(offsets, rows):
+            return torch.searchsorted(offsets[1:], rows, right=True)
+
+        offsets = torch.tensor([0, 3, 7, 7, 12], device="cuda")
+        rows = torch.arange(12, device="cuda")
+        counters.clear()
+        out = torch.compile(seq_of_row, backend="mmgen", fullgraph=True)(offsets, rows)
+        self.assertEqual(out, seq_of_row(offsets, rows), atol=0, rtol=0)
+        self.assertEqual(counters["mmgen"]["searchsorted_unsliced"], 1)
+
+
 @unittest.skipIf(not CUDA, "needs CUDA")
 class TestCudaStaticKV(TestCase):
     """optimize(static_kv=True) on CUDA: decode steps replay a CUDA graph."""
