@@ -4,7 +4,8 @@
 # (logs, result tables) lands under $OUT; the last lines printed are a short summary.
 #
 #   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=480)
-#   STEPS="tests harness" bash benchmarks/gpu_session.sh            # a subset
+#   STEPS="tests harness" bash benchmarks/gpu_session.sh   # a subset (next: the HSTU and
+#                                                           # searchsorted CUDA tests, 7B harness)
 #
 # The device image has torch 2.11 + CUDA and Triton but no network: the package goes in
 # without dependencies; expecttest (needed by torch's TestCase) comes from .whl/ when the
@@ -54,7 +55,7 @@ for s in $STEPS; do
             step seamless 300 $PY -m benchmarks.bench_seamless --device cuda --size large \
                 --dtype bfloat16 --repeats 3 ;;
         harness)  # the main harness, Llama 7B shapes: eager against static KV + CUDA graphs
-            step harness 150 $PY -m benchmarks.harness --device cuda --size 7b \
+            step harness 300 $PY -m benchmarks.harness --device cuda --size 7b \
                 --rows eager,static_kv --new-tokens 32 --repeats 2 --no-characterize ;;
         diag)  # throwaway diagnostics carried with the call (carry=["diag"]), one step each
             for f in diag/*.py; do
