@@ -15,15 +15,14 @@ from torch._inductor.utils import run_and_get_code
 
 import torch_mmgen_opt as mmgen
 from torch_mmgen_opt import OptimizeConfig
-from torch_mmgen_opt.graph_utils import PassReport, aten
+from torch_mmgen_opt.graph_utils import aten
 from torch_mmgen_opt.passes.decode_gemv import MAX_ROWS, PASS
 from torch_mmgen_opt.testing import (
     TestCase,
-    apply_pass,
-    aten_graph,
     count_targets,
     mmgen_counters,
     run_tests,
+    trace_and_apply,
 )
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -47,12 +46,7 @@ class MLP(nn.Module):
 
 class TestDecodeGemvGraph(TestCase):
     def _rewrite(self, fn, *args, config=None):
-        gm = aten_graph(fn, *args)
-        report = PassReport()
-        with mmgen_counters() as c:
-            n = apply_pass(PASS, gm, config, report)
-            counts = dict(c)
-        return gm, n, counts, report
+        return trace_and_apply(PASS, fn, *args, config=config)
 
     def test_linear_rows_match_eager(self):
         w, b = _weights(512, 256)

@@ -21,16 +21,14 @@ from torch._inductor.fx_passes import joint_graph
 from torch._inductor.virtualized import V
 
 from torch_mmgen_opt.config import AttentionConfig, OptimizeConfig
-from torch_mmgen_opt.graph_utils import PassReport
 from torch_mmgen_opt.models.llama import repeat_kv
 from torch_mmgen_opt.passes.fuse_attention import PASS, prefer_sdpa
 from torch_mmgen_opt.testing import (
     TestCase,
-    apply_pass,
     aten_graph,
     count_targets,
-    mmgen_counters,
     run_tests,
+    trace_and_apply,
 )
 
 aten = torch.ops.aten
@@ -196,11 +194,7 @@ def _inductor_fuses(gm: torch.fx.GraphModule) -> int:
 
 class FuseAttentionGraphTest(TestCase):
     def _apply(self, fn, args, config=SDPA_ALWAYS):
-        gm = aten_graph(fn, *args)
-        report = PassReport()
-        with mmgen_counters() as c:
-            apply_pass(PASS, gm, config, report)
-            counts = dict(c)
+        gm, _, counts, report = trace_and_apply(PASS, fn, *args, config=config)
         return gm, counts, report
 
     def _check_fused(self, name, dtype):

@@ -21,6 +21,7 @@ from torch_mmgen_opt.testing import (
     count_targets,
     mmgen_counters,
     run_tests,
+    trace_and_apply,
 )
 
 PASS = importlib.import_module("torch_mmgen_opt.passes.hstu_attention").PASS
@@ -71,10 +72,7 @@ def _dense_inputs(seed=0):
 
 
 def _rewrite(fn, *args, config=FORCE):
-    gm = aten_graph(fn, *args)
-    with mmgen_counters() as counts:
-        n = apply_pass(PASS, gm, config)
-        counts = dict(counts)
+    gm, n, counts, _ = trace_and_apply(PASS, fn, *args, config=config)
     return gm, n, counts
 
 

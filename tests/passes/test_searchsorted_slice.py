@@ -13,15 +13,14 @@ import itertools
 
 import torch
 
-from torch_mmgen_opt.graph_utils import PassReport, aten
+from torch_mmgen_opt.graph_utils import aten
 from torch_mmgen_opt.passes.searchsorted_slice import PASS
 from torch_mmgen_opt.testing import (
     TestCase,
-    apply_pass,
-    aten_graph,
     count_targets,
     mmgen_counters,
     run_tests,
+    trace_and_apply,
 )
 
 SEARCHES = (aten.searchsorted.Tensor, aten.searchsorted.Scalar, aten.bucketize.Tensor,
@@ -40,12 +39,7 @@ def _search(a, b, right, int32):
 
 
 def _rewrite(fn, *args):
-    gm = aten_graph(fn, *args)
-    report = PassReport()
-    with mmgen_counters() as c:
-        n = apply_pass(PASS, gm, None, report)
-        counts = dict(c)
-    return gm, n, counts, report
+    return trace_and_apply(PASS, fn, *args)
 
 
 class TestSearchsortedSliceGraph(TestCase):

@@ -5,6 +5,7 @@
   so graph tests apply one pass in milliseconds, without Inductor codegen.
 - :func:`apply_pass`: run one :class:`GraphPass` on such a graph through the same guard as
   the pass manager, and return the rewritten ``GraphModule`` ready to execute.
+- :func:`trace_and_apply`: both, returning the counters and report the pass produced.
 - :func:`mmgen_counters`: a fresh view of ``counters["mmgen"]``.
 - :class:`TestCase`, :func:`run_tests`: PyTorch's Inductor test case (resets Dynamo and the
   counters between tests).
@@ -34,6 +35,7 @@ __all__ = [
     "mmgen_counters",
     "run_tests",
     "sqnr",
+    "trace_and_apply",
 ]
 
 
@@ -63,6 +65,19 @@ def apply_pass(
     n = run_guarded(graph_pass, gm.graph, ctx)
     gm.recompile()
     return n
+
+
+def trace_and_apply(
+    graph_pass: GraphPass, fn: Callable[..., Any], *args: Any, config: OptimizeConfig | None = None
+) -> tuple[fx.GraphModule, int, dict[str, int], PassReport]:
+    """``fn`` traced with :func:`aten_graph`, then ``graph_pass`` applied: ``(graph module,
+    rewrites, the ``mmgen`` counters it bumped, its report)``."""
+    gm = aten_graph(fn, *args)
+    report = PassReport()
+    with mmgen_counters() as live:
+        n = apply_pass(graph_pass, gm, config, report)
+        counts = dict(live)
+    return gm, n, counts, report
 
 
 def count_targets(gm: fx.GraphModule, *targets: Any) -> int:
