@@ -40,7 +40,8 @@ def main(
         size, frames, frame_buckets, repeats = "tiny", 60, (64,), 2
     if threads:
         torch.set_num_threads(threads)
-    model = build("seamless", size, dtype=getattr(torch, dtype), device=device)
+    with torch.device(device):  # weights drawn where they live (fast for the large model)
+        model = build("seamless", size, dtype=getattr(torch, dtype))
     fbank = torch.randn(1, frames, model.config.n_mels, generator=torch.Generator().manual_seed(0))
     fbank = fbank.to(device=device, dtype=getattr(torch, dtype))
 

@@ -47,7 +47,10 @@ def build(
         raise ValueError(f"unknown workload {name!r}; pass one of {sorted(WORKLOADS)}")
     module = importlib.import_module(f".{WORKLOADS[name]}", __name__)
     if seed is not None:
-        with torch.random.fork_rng(devices=[]):
+        # manual_seed also seeds every CUDA generator, and a model built under
+        # ``with torch.device("cuda")`` draws from them: fork those too
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             model = module.build_model(size, **overrides)
     else:
