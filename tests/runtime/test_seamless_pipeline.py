@@ -88,7 +88,8 @@ class TestStaticRuntime(TestCase):
         self.assertIn("int8", opt.quantized_linears.values())
         # the head stays float: packed in the T2U copy; the step's is left to decode_gemv
         self.assertEqual(opt.packed_linears, {"t2u_decoder.lm_head": "packed"})
-        decoder = opt.step.decoder
+        self.assertTrue(opt.fused_reorder)  # no CUDA graphs: step and reorder in one module
+        decoder = opt.step.step.decoder
         self.assertIsInstance(decoder.layers[0].ffn.fc1, QuantizedLinear)
         # T2U's decoder copy (packed for its own row count) shares the quantized weights
         t2u_fc1 = opt.text_to_unit.decoder.layers[0].ffn.fc1
@@ -169,11 +170,15 @@ class TestCompiledPipeline(TestCase):
             graphs_after_bucket[bucket] = graphs
             # decode steps after the first skip Dynamo's guards; the stance ends with them
             self.assertFalse(torch._dynamo.eval_frame._stance.skip_guard_eval_unsafe)
+        # CUDA graphs keep the reorder (it mutates the cache) out of the step's graph
+        self.assertEqual(opt.fused_reorder, device != "cuda")
+        self.assertEqual(opt.reorder is None, opt.fused_reorder)
+        step_graphs = 1 if opt.fused_reorder else 2
         if opt.pad_to_buckets:
-            # encoder x 2 buckets, decoder step, reorder, text-to-unit, vocoder x 1 bucket
-            expected = 6 if opt.compiled_vocoder else 5
-        else:  # one dynamic-length encoder graph, step, reorder, text-to-unit
-            expected = 4
+            # encoder x 2 buckets, step (+ reorder), text-to-unit, vocoder x 1 bucket
+            expected = 3 + step_graphs + opt.compiled_vocoder
+        else:  # one dynamic-length encoder graph, step (+ reorder), text-to-unit
+            expected = 2 + step_graphs
         self.assertEqual(counters["stats"]["unique_graphs"], expected)
         self.assertEqual(opt.report.graphs_compiled, expected)
         return opt

@@ -16,9 +16,10 @@ study's ("Accelerating Generative AI with PyTorch IV: Seamless M4T, fast"):
   (``index_copy_``) at a position held in a device tensor, attention over the whole
   ``max_len`` with a mask of valid positions, beam selection (log-softmax, top-k) inside
   the graph, no host sync except the stop check every ``sync_every`` steps. The beam
-  reorder is its own graph: one compiled, fused gather over every layer's K/V and the
-  token history, written back with ``copy_`` (buffer addresses never change). It mutates
-  its inputs, so it runs without CUDA graphs.
+  reorder is one fused gather over every layer's K/V and the token history, written
+  back with ``copy_`` (buffer addresses never change). It mutates its inputs, so on CUDA
+  it is its own graph, run without CUDA graphs; without CUDA graphs (CPU) it is part of
+  the step's graph (``fused_reorder``: one compiled call a step).
 - **text-to-unit**: one static graph per text bucket: the decoder re-run over the chosen
   hypothesis (cross-attention on the static buffers), the T2U encoder, durations, a static
   length regulator (output length ``text_bucket * max_duration``, positions past the
@@ -159,6 +160,22 @@ class _BeamReorder(nn.Module):
             c.v.copy_(c.v.index_select(0, beam_idx))
         st.hist.copy_(st.hist.index_select(0, beam_idx))
         st.hist.index_copy_(1, pos + 1, tok[:, None])
+
+
+class _StepAndReorder(nn.Module):
+    """The decoder step and the beam reorder in one graph: one compiled call a step.
+
+    For runtimes without CUDA graphs (CPU): the reorder mutates the cache, which a
+    CUDA-graphed step must not, so there the two stay apart."""
+
+    def __init__(self, step: _DecoderStep, reorder: _BeamReorder) -> None:
+        super().__init__()
+        self.step, self.reorder = step, reorder
+
+    def forward(self, tok, pos, scores, finished, cross_mask=None):
+        tok, beam_idx, scores, finished = self.step(tok, pos, scores, finished, cross_mask)
+        self.reorder(beam_idx, tok, pos)
+        return tok, beam_idx, scores, finished
 
 
 class _T2UStage(nn.Module):
@@ -315,8 +332,15 @@ class OptimizedSeamless:
         # dim (dynamic=True also made the packed weights' sizes symbolic and compiled twice)
         self.encode = wrap(_EncoderStage(parts), cuda_graphs=True,
                            dynamic=None if not self.pad_to_buckets else False)
-        self.step = wrap(_DecoderStep(parts, self.state), cuda_graphs=True)
-        self.reorder = wrap(_BeamReorder(self.state), cuda_graphs=False)
+        step, reorder = _DecoderStep(parts, self.state), _BeamReorder(self.state)
+        # without CUDA graphs the reorder joins the step's graph (one call a step, and no
+        # copies of the outputs, which a CUDA-graph replay would overwrite)
+        self.fused_reorder = not (compile and on_cuda and self.config.cuda_graphs is not False)
+        if self.fused_reorder:
+            self.step, self.reorder = wrap(_StepAndReorder(step, reorder), cuda_graphs=False), None
+        else:
+            self.step = wrap(step, cuda_graphs=True)
+            self.reorder = wrap(reorder, cuda_graphs=False)
         self.text_to_unit = wrap(_T2UStage(parts, self.state), cuda_graphs=True)
         vocode = _VocoderStage(self.vocoder)
         self.vocode = wrap(vocode, cuda_graphs=True) if self.compiled_vocoder else vocode
@@ -425,8 +449,9 @@ class OptimizedSeamless:
     def _steady_state(self) -> contextlib.AbstractContextManager:
         """Dynamo's guard checks skipped for the decode steps after the first.
 
-        Each step and reorder call otherwise re-checks ~170 tensors and the dynamic
-        cross length (~0.3 ms a call, two calls a step: ~6% of the small decoder on CPU).
+        Each step (and, on CUDA, reorder) call otherwise re-checks ~170 tensors and the
+        dynamic cross length (~0.3 ms a call: ~6% of the small decoder on CPU, measured
+        with two calls a step).
         Within one utterance every input is a tensor this runtime made, of the same
         dtype, shape and storage as at the first step, which ran with every guard; the
         stance only holds inside this loop (``torch.compiler.set_stance`` restores it).
@@ -452,8 +477,11 @@ class OptimizedSeamless:
             # so the context is made here, inside the with, and ends with it
             with self._steady_state() if t > 0 else contextlib.nullcontext():
                 out = self.step(tok, pos, scores, finished, *self._cross_view)
-                tok, beam_idx, scores, finished = (o.clone() for o in out)
-                self.reorder(beam_idx, tok, pos)
+                if self.fused_reorder:
+                    tok, _, scores, finished = out
+                else:
+                    tok, beam_idx, scores, finished = (o.clone() for o in out)
+                    self.reorder(beam_idx, tok, pos)
             steps = t + 1
             if steps % self.sync_every == 0 and bool(finished.all()):
                 break
