@@ -117,6 +117,24 @@ class TestStaticRuntime(TestCase):
             torch.testing.assert_close(opt.vocoder(units), model.vocoder(units),
                                        rtol=1e-5, atol=1e-5)
 
+    def test_channels_last_encoder_copy_matches(self):
+        from torch_mmgen_opt.runtime.prepare import Conv1dAs2d
+
+        model = build("seamless", "tiny")
+        opt = OptimizedSeamless(model, OptimizeConfig(pack_linear=False), compile=False)
+        encoder = opt.encode.encoder
+        self.assertIsNot(encoder, model.encoder)  # a copy: the model keeps its Conv1d
+        n_conv = 2 + 3 * model.config.enc_layers  # subsampling; pw1, depthwise, pw2 a layer
+        self.assertEqual(opt.encoder_convs_channels_last, n_conv)
+        self.assertEqual(sum(isinstance(m, Conv1dAs2d) for m in encoder.modules()), n_conv)
+        self.assertFalse(any(isinstance(m, Conv1dAs2d) for m in model.modules()))
+        x, lengths = _fbank(57), torch.tensor([57])
+        with torch.no_grad():
+            ref, ref_mask = model.encoder(x, lengths)
+            out, mask = encoder(x, lengths)
+        self.assertEqual(mask, ref_mask)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
     def test_stop_check_interval_does_not_change_result(self):
         model = build("seamless", "tiny", eos_id=184)
         every_step = OptimizedSeamless(model, frame_buckets=(64, 128), compile=False, sync_every=1)

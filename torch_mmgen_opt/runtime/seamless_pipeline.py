@@ -318,6 +318,12 @@ class OptimizedSeamless:
             conv1d_channels_last_(self.vocoder)
         self.state = _State(model, s_max, self.dtype, self.device)
         parts = self._pack_linears(model)
+        self.encoder_convs_channels_last = 0
+        if not on_cuda:
+            # the conformer's convolutions too (its depthwise conv: ~1 ms -> ~0.13 ms)
+            if parts.encoder is model.encoder:
+                parts.encoder = _share_copy(model.encoder)
+            self.encoder_convs_channels_last = conv1d_channels_last_(parts.encoder)
         K = cfg.beam_size
         self._positions = [torch.tensor([t], device=self.device) for t in range(self.text_bucket)]
         self._bos = torch.full((K,), cfg.bos_id, dtype=torch.long, device=self.device)
