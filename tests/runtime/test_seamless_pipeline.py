@@ -53,6 +53,37 @@ class TestStaticRuntime(TestCase):
                     with self.subTest(eos_id=eos_id, T=T, pad=pad):
                         self._check(model, opt, T)
 
+    def test_exact_lengths_attend_over_the_utterance_keys_only(self):
+        """Unpadded (CPU's default), the decoder step and T2U read the first S cross keys
+        of the static buffers, never all S_max of them; padded, they read S_max."""
+        from unittest import mock
+
+        from torch_mmgen_opt.runtime import seamless_pipeline
+
+        model = build("seamless", "tiny")
+        for pad in (False, True):
+            opt = OptimizedSeamless(model, frame_buckets=(64, 128), compile=False,
+                                    pad_to_buckets=pad)
+            s_max = opt.state.layers[0].ck.shape[2]
+            key_lengths = []
+
+            def spy(q, k, v, allowed, _real=seamless_pipeline.attend, _seen=key_lengths):
+                _seen.append(k.shape[2])
+                return _real(q, k, v, allowed)
+
+            with mock.patch.object(seamless_pipeline, "attend", spy):
+                opt.run_encoder(_fbank(40))  # the encoder's attention is the model's own
+                tokens = opt.run_decoder()
+                steps = len(key_lengths)
+                opt.run_t2u(tokens)
+            with self.subTest(pad=pad):
+                S = int(model.encoder.out_lengths(torch.tensor(40)))
+                self.assertLess(S, s_max)
+                self.assertGreater(len(key_lengths), steps)  # T2U ran through attend too
+                for stage, lengths in (("step", key_lengths[:steps]), ("t2u", key_lengths[steps:])):
+                    self.assertEqual(s_max in lengths, pad, stage)
+                    self.assertEqual(S in lengths, not pad, stage)
+
     def test_packed_linears_match_eager(self):
         model = build("seamless", "tiny", eos_id=184)
         opt = OptimizedSeamless(model, OptimizeConfig(pack_linear=True),

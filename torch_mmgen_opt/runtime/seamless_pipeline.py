@@ -31,12 +31,12 @@ Every stage is compiled with ``torch.compile(fullgraph=True)`` and the ``"mmgen"
 backend bound to the config; CUDA graphs are on (on CUDA) for every stage but the
 reorder. The bucket padding above is the CUDA default (``pad_to_buckets``). On CPU,
 where nothing is captured: the encoder sees the exact frames (one graph, frame dim
-dynamic), the decoder step attends over the utterance's ``S`` cross keys (``S`` dynamic),
-the vocoder runs uncompiled with channels-last convolutions on the exact units, and the
-float32 linears of the encoder, decoder and T2U copies go through packed oneDNN
-(``pack_linear``); see :class:`OptimizedSeamless`. :meth:`OptimizedSeamless.stage_times`
-and :func:`eager_stage_times` give the per-stage breakdown (encoder, decoder, t2u,
-vocoder).
+dynamic), the decoder step and the T2U stage attend over the utterance's ``S`` cross
+keys (``S`` dynamic), the vocoder runs uncompiled with channels-last convolutions on the
+exact units, and the float32 linears of the encoder, decoder and T2U copies go through
+packed oneDNN (``pack_linear``); see :class:`OptimizedSeamless`.
+:meth:`OptimizedSeamless.stage_times` and :func:`eager_stage_times` give the per-stage
+breakdown (encoder, decoder, t2u, vocoder).
 """
 
 from __future__ import annotations
@@ -184,21 +184,28 @@ class _T2UStage(nn.Module):
         self.decoder, self.t2u, self.state = model.t2u_decoder, model.t2u, state
         self.max_duration = model.config.max_duration
 
-    def forward(self, seq: torch.Tensor, n_text: torch.Tensor):
+    def forward(self, seq: torch.Tensor, n_text: torch.Tensor, cross_mask: torch.Tensor | None = None):
         """seq (1, Lb) BOS + tokens zero-padded, n_text (1,) valid length ->
-        (units (1, Lb * max_duration), n_units (1,))."""
+        (units (1, Lb * max_duration), n_units (1,)).
+
+        ``cross_mask``: as for :class:`_DecoderStep` (``None``: the whole static
+        ``S_max`` cross buffers; a ``(1, S)`` view: their first ``S`` keys)."""
         dec, st = self.decoder, self.state
         Lb = seq.shape[1]
         x = dec.embed(seq) * dec.scale + dec.pos[:Lb].to(dec.embed.weight.dtype)
         key_pos = torch.arange(Lb, device=seq.device)
         causal = key_pos[None, :] <= key_pos[:, None]  # (Lb, Lb)
-        cross_allowed = st.cross_mask[:, None, None, :]
+        if cross_mask is None:
+            cross_mask = st.cross_mask
+        S = cross_mask.shape[1]
+        cross_allowed = cross_mask[:, None, None, :]
         for layer, c in zip(dec.layers, st.layers):
             a = layer.self_attn
             h = layer.self_ln(x)
             x = x + a.merge(attend(a.heads(a.q_proj(h)), *a.project_kv(h), causal))
             ca = layer.cross_attn
-            x = x + ca.merge(attend(ca.heads(ca.q_proj(layer.cross_ln(x))), c.ck, c.cv, cross_allowed))
+            q = ca.heads(ca.q_proj(layer.cross_ln(x)))
+            x = x + ca.merge(attend(q, c.ck[:, :, :S], c.cv[:, :, :S], cross_allowed))
             x = x + layer.ffn(layer.ffn_ln(x))
         hidden = dec.final_ln(x)  # (1, Lb, d)
         text_mask = key_pos[None, :] < n_text[:, None]  # (1, Lb)
@@ -443,7 +450,7 @@ class OptimizedSeamless:
         st = self.state
         st.cross_mask.zero_()
         st.cross_mask[:, :S].copy_(mask)
-        self._cross_view = ()  # padded: the decoder step attends over all of S_max
+        self._cross_view = ()  # padded: the decoder step and T2U attend over all of S_max
         if not self.pad_to_buckets:  # exact: over the first S keys, S a dynamic dim
             view = st.cross_mask[:, :S]
             torch._dynamo.maybe_mark_dynamic(view, 1)
@@ -500,7 +507,7 @@ class OptimizedSeamless:
         seq = torch.zeros(1, self.text_bucket, dtype=torch.long, device=self.device)
         seq[0, 0] = self.model.config.bos_id
         seq[:, 1:L] = tokens
-        units, n_units = self.text_to_unit(seq, torch.tensor([L], device=self.device))
+        units, n_units = self.text_to_unit(seq, torch.tensor([L], device=self.device), *self._cross_view)
         return units, int(n_units)
 
     @torch.no_grad()
