@@ -24,7 +24,7 @@ setup(
         "torch_mmgen_opt.passes",
     ],
     package_dir={"torch_mmgen_opt.passes": "passes"},
-    package_data={"torch_mmgen_opt": ["checkpoints/*.pt", "checkpoints/*.md"]},
+    package_data={"torch_mmgen_opt": ["checkpoints/*.pt", "checkpoints/*.md", "kernels/csrc/*.cpp"]},
     # torch's CUDA wheels already bring the matching triton; a CPU build needs none.
     install_requires=["torch>=2.11", "sympy"],
     extras_require={

@@ -109,12 +109,57 @@ def _rewrite(graph: fx.Graph, node: fx.Node) -> None:
     graph.erase_node(node)
 
 
+def _int8_reason_skipped(node: fx.Node) -> str | None:
+    """Why an ``aten._weight_int8pack_mm(x, q, scales)`` must not become the int8
+    kernel; ``None`` if it may."""
+    x, q, scales = node.args[:3]
+    xv, qv, sv = tensor_meta(x), tensor_meta(q), tensor_meta(scales)
+    if xv is None or qv is None or sv is None:
+        return "no tensor metadata"
+    if any(v.device.type != "cpu" for v in (xv, qv, sv)):
+        return f"device {xv.device.type} (CPU only)"
+    if xv.dtype != torch.float32 or sv.dtype != torch.float32:
+        return f"activations {xv.dtype} (float32 only; torch's kernel is fast with bfloat16)"
+    if qv.dtype != torch.int8 or qv.dim() != 2 or xv.dim() != 2 or sv.dim() != 1:
+        return "not an int8 (N, K) weight with (M, K) rows"
+    rows = xv.shape[0]
+    if not all(isinstance(d, int) for d in (*xv.shape, *qv.shape)):
+        return "dynamic shape"
+    if not 1 <= rows <= MAX_ROWS:
+        return f"{rows} rows (1 to {MAX_ROWS})"
+    from torch_mmgen_opt.kernels import cpu_gemv
+
+    # loaded before the compile began (api.inductor_patches builds it when the config
+    # quantizes), so the pass manager's uuid already says the op may appear
+    if not cpu_gemv.is_loaded():
+        return "the int8 CPU kernel is not loaded (built when optimize() quantizes)"
+    return None
+
+
+def _rewrite_int8(graph: fx.Graph, node: fx.Node) -> None:
+    with graph.inserting_before(node):
+        out = emit_node(graph, torch.ops.mmgen_cpu.int8_gemv.default, tuple(node.args[:3]))
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+
+
 def decode_gemv(graph: fx.Graph, ctx: PassContext) -> int:
-    """Rewrite every eligible few-row float32 CPU mm / addmm; returns how many."""
+    """Rewrite every eligible few-row float32 CPU mm / addmm and int8 weight-only
+    product; returns how many."""
     if ctx.device is not None and ctx.device.type != "cpu":
         return 0  # nothing on a CUDA graph qualifies; skip without noise
     done = 0
     for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is aten._weight_int8pack_mm.default:
+            reason = _int8_reason_skipped(node)
+            if reason is not None:
+                ctx.record("gemv_skipped", node, f"int8: {reason}")
+                continue
+            shape = tuple(tensor_meta(node).shape)
+            _rewrite_int8(graph, node)
+            ctx.record("gemv_rewritten", node, f"{shape[0]} rows x {shape[1]} outputs, int8")
+            done += 1
+            continue
         if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default):
             continue
         reason = _reason_skipped(node)

@@ -339,11 +339,14 @@ def quantize_linear_(model: nn.Module, config: OptimizeConfig | QuantizeConfig |
     _check_not_all_group_skipped(shape_skips, selected, qcfg)
     _warn_shape_skips(shape_skips, qcfg.scheme)
     if qcfg.scheme in ("int8", "int4") and float32_cpu:
+        decode = (" Compiled decode steps (at most 8 rows a matmul) use this package's int8 "
+                  "kernel instead (passes/decode_gemv.py); prefill and eager calls do not."
+                  if qcfg.scheme == "int8" else "")
         log.warning(
-            "quantize=%r on a float32 CPU model: the CPU weight-only kernels have no fast "
+            "quantize=%r on a float32 CPU model: torch's CPU weight-only kernels have no fast "
             "float32 path (measured ~20x slower than with bfloat16 activations at 4x512 -> "
-            "2048); use a bfloat16 model, or quantize='auto' which times each layer",
-            qcfg.scheme,
+            "2048); use a bfloat16 model, or quantize='auto' which times each layer.%s",
+            qcfg.scheme, decode,
         )
     return result
 

@@ -63,6 +63,12 @@ def inductor_patches(
     from torch._inductor import list_mode_options
 
     patches: dict[str, Any] = {}
+    if device.type == "cpu" and config.decode_gemv and config.quantize is not None:
+        # decode_gemv's int8 kernel, built once per machine; before the pass managers,
+        # whose uuid records whether the op may appear in the graph
+        from torch_mmgen_opt.kernels import cpu_gemv
+
+        cpu_gemv.ensure_loaded()
     for stage, key in (("joint", "joint_custom_pre_pass"), ("post_grad", "post_grad_custom_post_pass")):
         stage_passes = (
             [p for p in passes if p.stage == stage] if passes is not None else passes_for(config, stage)

@@ -36,13 +36,13 @@ __all__ = ["PassManager", "passes_for", "run_guarded", "source_hash"]
 
 @functools.lru_cache(maxsize=1)
 def source_hash() -> str:
-    """sha256 over every Python file of the package and of ``passes/``."""
+    """sha256 over every Python and C++ file of the package and of ``passes/``."""
     import torch_mmgen_opt.passes as passes_pkg
 
     roots = {Path(__file__).resolve().parent, Path(passes_pkg.__file__).resolve().parent}
     digest = hashlib.sha256()
     for root in sorted(roots):
-        for path in sorted(root.rglob("*.py")):
+        for path in sorted([*root.rglob("*.py"), *root.rglob("*.cpp")]):
             digest.update(str(path.relative_to(root)).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -157,6 +157,9 @@ class PassManager(CustomGraphPass):
             digest.update(graph_pass.fn.__qualname__.encode())
         digest.update(source_hash().encode())
         digest.update(self.config.key().encode())
+        from torch_mmgen_opt.kernels import cpu_gemv
+
+        digest.update(cpu_gemv.cache_token().encode())  # the pass emits its op only if loaded
         return digest.hexdigest()
 
     def __repr__(self) -> str:

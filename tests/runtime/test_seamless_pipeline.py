@@ -109,7 +109,10 @@ class TestStaticRuntime(TestCase):
 
     def test_quantized_copies(self):
         """quantize= swaps the copies' linears (lossy: checked by SQNR of the decoder's
-        logits), packs what stays float, and leaves the model's own modules alone."""
+        logits), packs what stays float, and leaves the model's own modules alone. A
+        float32 CPU model has only its decoder step quantized (the int8 decode kernel);
+        the encoder and T2U, at 25-100 rows, stay float."""
+        from torch_mmgen_opt.kernels.packed_linear import PackedLinear
         from torch_mmgen_opt.kernels.quant import QuantizedLinear
         from torch_mmgen_opt.testing import sqnr
 
@@ -117,15 +120,21 @@ class TestStaticRuntime(TestCase):
         opt = OptimizedSeamless(model, OptimizeConfig(quantize="int8", pack_linear=True),
                                 compile=False)
         self.assertIn("int8", opt.quantized_linears.values())
-        # the head stays float: packed in the T2U copy; the step's is left to decode_gemv
-        self.assertEqual(opt.packed_linears, {"t2u_decoder.lm_head": "packed"})
+        self.assertTrue(all(k.startswith("decoder.") for k in opt.quantized_linears))
+        # every linear of the encoder, T2U and T2U's decoder copy is float and packed; the
+        # step's float head is left to decode_gemv
+        n_float = sum(isinstance(m, torch.nn.Linear)
+                      for part in (model.encoder, model.decoder, model.t2u) for m in part.modules())
+        self.assertEqual(len(opt.packed_linears), n_float)
+        self.assertFalse(any(k.startswith("decoder.") for k in opt.packed_linears))
         self.assertTrue(opt.fused_reorder)  # no CUDA graphs: step and reorder in one module
         decoder = opt.step.step.decoder
         self.assertIsInstance(decoder.layers[0].ffn.fc1, QuantizedLinear)
-        # T2U's decoder copy (packed for its own row count) shares the quantized weights
-        t2u_fc1 = opt.text_to_unit.decoder.layers[0].ffn.fc1
-        self.assertIsNot(opt.text_to_unit.decoder, decoder)
-        self.assertIs(t2u_fc1.qweight, decoder.layers[0].ffn.fc1.qweight)
+        t2u_decoder = opt.text_to_unit.decoder
+        self.assertIsNot(t2u_decoder, decoder)
+        self.assertIsInstance(t2u_decoder.layers[0].ffn.fc1, PackedLinear)
+        # the encoder stage projects the cross K/V (over every frame) with a float copy
+        self.assertIsInstance(opt.encode.dec_layers[0].cross_attn.k_proj, PackedLinear)
         self.assertIs(type(model.decoder.layers[0].ffn.fc1), torch.nn.Linear)
         with torch.no_grad():
             enc, mask = model.encoder(_fbank(40), torch.tensor([40]))
@@ -133,6 +142,17 @@ class TestStaticRuntime(TestCase):
                                 generator=torch.Generator().manual_seed(1))
             self.assertGreater(sqnr(model.decoder(seq, enc, mask)[0], decoder(seq, enc, mask)[0]), 30)
         tokens, wav = opt(_fbank(40))
+        self.assertEqual(wav.shape[1] % opt.vocoder.hop, 0)
+
+        # bfloat16: torch's int8 kernel is fast at any row count, so every copy is
+        # quantized and T2U's decoder shares the step's quantized weights
+        bf16 = build("seamless", "tiny", dtype=torch.bfloat16)
+        opt = OptimizedSeamless(bf16, OptimizeConfig(quantize="int8"), compile=False)
+        self.assertTrue(any(k.startswith("encoder.") for k in opt.quantized_linears))
+        self.assertTrue(any(k.startswith("t2u.") for k in opt.quantized_linears))
+        fc1 = opt.step.step.decoder.layers[0].ffn.fc1
+        self.assertIs(opt.text_to_unit.decoder.layers[0].ffn.fc1.qweight, fc1.qweight)
+        tokens, wav = opt(_fbank(40).to(torch.bfloat16))
         self.assertEqual(wav.shape[1] % opt.vocoder.hop, 0)
 
     def test_channels_last_vocoder_matches(self):
@@ -257,6 +277,41 @@ class TestCompiledPipeline(TestCase):
         rewritten = [e.detail for e in opt.report.events if e.kind == "gemv_rewritten"]
         self.assertEqual(rewritten.count("3 rows x 1024 outputs"), layers + 1)  # fc1s, head
         self.assertFalse(any(k.startswith("decoder.") for k in opt.packed_linears))
+
+    def test_int8_decode_step_compiled(self):
+        """quantize='int8' on a float32 CPU model: the compiled step runs every quantized
+        linear through the int8 kernel (decode_gemv), the encoder and T2U graphs stay
+        float (no int8 op, nothing quantized by the graph pass), and the tokens and
+        waveform equal the same quantized runtime run uncompiled (same int8 math)."""
+        from torch_mmgen_opt.kernels import cpu_gemv
+
+        if not cpu_gemv.ensure_loaded():
+            self.skipTest("the int8 CPU kernel could not be built here")
+        model = build("seamless", "tiny", eos_id=184)
+        config = OptimizeConfig(quantize="int8", prefill_buckets=(64, 128))
+        eager_q = OptimizedSeamless(model, config, compile=False)
+        opt = mmgen.optimize(model, config=config)
+        self.assertTrue(opt.decode_only_quantized)
+        for T in (40, 100):
+            with self.subTest(T=T):
+                tokens, wav = eager_q(_fbank(T))
+                tokens_o, wav_o = opt(_fbank(T))
+                self.assertEqual(tokens_o, tokens, atol=0, rtol=0)
+                torch.testing.assert_close(wav_o, wav, rtol=1e-4, atol=1e-4)
+        int8 = [e.detail for e in opt.report.events
+                if e.kind == "gemv_rewritten" and "int8" in e.detail]
+        used = [k for k in opt.quantized_linears
+                if opt.quantized_linears[k] == "int8" and "cross_attn.k_proj" not in k
+                and "cross_attn.v_proj" not in k]  # the cross K/V run in the float encoder
+        self.assertEqual(len(int8), len(used))
+        self.assertGreater(len(int8), 0)
+        self.assertFalse([e for e in opt.report.events
+                          if e.kind == "gemv_skipped" and "int8" in e.detail])
+        # the graph pass only counted the prepared step's layers; it quantized no float
+        # linear of the encoder or T2U graphs
+        quantized = [e.detail for e in opt.report.events if e.kind == "linear_quantized"]
+        self.assertTrue(quantized)
+        self.assertTrue(all(d.endswith("(prepared module)") for d in quantized), quantized)
 
     @unittest.skipIf(not torch.cuda.is_available(), "needs CUDA")
     def test_compiled_cuda_graphs(self):

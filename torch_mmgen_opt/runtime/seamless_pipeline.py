@@ -98,7 +98,8 @@ class _EncoderStage(nn.Module):
     def __init__(self, model: Seamless) -> None:
         super().__init__()
         self.encoder = model.encoder
-        self.dec_layers = model.decoder.layers
+        # the decoder copy whose cross K/V projections run here, over all S frames
+        self.dec_layers = getattr(model, "cross_kv_decoder", model.decoder).layers
 
     def forward(self, fbank: torch.Tensor, lengths: torch.Tensor):
         """fbank (1, Fb, n_mels) -> (mask (1, S), [ck, cv] * layers each (1, nh, S, hd))."""
@@ -340,11 +341,12 @@ class OptimizedSeamless:
         self._cross_view: tuple[torch.Tensor, ...] = ()  # set per utterance by run_encoder
 
         self.compiled = compile
-        wrap = self._compile if compile else (lambda m, cuda_graphs, dynamic=False: m)
+        wrap = self._compile if compile else (lambda m, cuda_graphs, dynamic=False, quantize=True: m)
+        quantize_all = not self.decode_only_quantized  # else encoder and T2U stay float
         # exact lengths: the frame dim is marked dynamic per call (run_encoder), not every
         # dim (dynamic=True also made the packed weights' sizes symbolic and compiled twice)
         self.encode = wrap(_EncoderStage(parts), cuda_graphs=True,
-                           dynamic=None if not self.pad_to_buckets else False)
+                           dynamic=None if not self.pad_to_buckets else False, quantize=quantize_all)
         step, reorder = _DecoderStep(parts, self.state), _BeamReorder(self.state)
         # without CUDA graphs the reorder joins the step's graph (one call a step, and no
         # copies of the outputs, which a CUDA-graph replay would overwrite)
@@ -354,7 +356,7 @@ class OptimizedSeamless:
         else:
             self.step = wrap(step, cuda_graphs=True)
             self.reorder = wrap(reorder, cuda_graphs=False)
-        self.text_to_unit = wrap(_T2UStage(parts, self.state), cuda_graphs=True)
+        self.text_to_unit = wrap(_T2UStage(parts, self.state), cuda_graphs=True, quantize=quantize_all)
         vocode = _VocoderStage(self.vocoder)
         self.vocode = wrap(vocode, cuda_graphs=True) if self.compiled_vocoder else vocode
 
@@ -363,7 +365,10 @@ class OptimizedSeamless:
         share every weight tensor with it (the model is not edited) in which
 
         - with ``quantize``, the chosen ``nn.Linear`` are swapped for ``QuantizedLinear``
-          (``passes/quantize_linear.py``: the same per-layer choice as for any model);
+          (``passes/quantize_linear.py``: the same per-layer choice as for any model); for
+          a float32 model on CPU only in the decoder step's copy (its few-row int8
+          products go through ``decode_gemv``'s int8 kernel; the encoder and T2U stay
+          float);
         - with ``pack_linear`` (by default ``"auto"`` for float32 on CPU), the remaining
           chosen float ``nn.Linear`` go through the packed oneDNN kernel.
 
@@ -386,6 +391,7 @@ class OptimizedSeamless:
         parts = SimpleNamespace(config=cfg, encoder=model.encoder, decoder=model.decoder,
                                 t2u=model.t2u, t2u_decoder=model.decoder)
         self.packed_linears: dict[str, str] = {}
+        self.decode_only_quantized = False
         self.quantized_linears: dict[str, str] = {}
         if not mode and self.config.quantize is None:
             return parts
@@ -397,15 +403,22 @@ class OptimizedSeamless:
                 ("decoder", model.decoder, cfg.beam_size, not gemv_step),
                 ("t2u_decoder", None, self.text_bucket, True),
                 ("t2u", model.t2u, self.text_bucket, True))
+        # float32 on CPU: quantize the decoder step only. Its few-row int8 products run
+        # through decode_gemv's int8 kernel; at 25-100 rows (encoder, T2U) torch's int8
+        # kernel is the only one and has no fast float32 path, so those stay float
+        decode_only = self.decode_only_quantized = cpu_fp32 and self.config.quantize is not None
         for name, source, rows, pack in plan:
             if name == "t2u_decoder":
-                if not (mode and gemv_step):  # packed alike (or not at all): share it
+                if decode_only:  # a float copy (packed when packing is on)
+                    part = _share_copy(model.decoder)
+                elif not (mode and gemv_step):  # packed alike (or not at all): share it
                     parts.t2u_decoder = parts.decoder
                     continue
-                part = _share_copy(parts.decoder)
+                else:
+                    part = _share_copy(parts.decoder)
             else:
                 part = _share_copy(source)
-                if self.config.quantize is not None:
+                if self.config.quantize is not None and (name == "decoder" or not decode_only):
                     from torch_mmgen_opt.passes.quantize_linear import quantize_linear_
 
                     found = quantize_linear_(part, self.config)
@@ -414,15 +427,19 @@ class OptimizedSeamless:
                 found = pack_linears_(part, mode, rows=rows, report=self.report, prefix=name)
                 self.packed_linears.update({f"{name}.{k}": v for k, v in found.items()})
             setattr(parts, name, part)
+        if decode_only:  # the cross K/V projections run over S rows: a float copy's
+            parts.cross_kv_decoder = parts.t2u_decoder
         return parts
 
     def _compile(self, module: nn.Module, cuda_graphs: bool,
-                 dynamic: bool | None = False) -> Callable[..., Any]:
+                 dynamic: bool | None = False, quantize: bool = True) -> Callable[..., Any]:
         from ..api import mmgen_backend
 
         # CUDA graphs where the stage allows them, unless the user turned them off
         use = cuda_graphs and self.device.type == "cuda" and self.config.cuda_graphs is not False
         cfg = self.config.replace(cuda_graphs=use)
+        if not quantize:  # a stage kept float: quantize_linear's graph pass must not run
+            cfg = cfg.replace(quantize=None)
         backend = functools.partial(mmgen_backend, config=cfg, report=self.report)
         return torch.compile(module, backend=backend, fullgraph=True, dynamic=dynamic)
 

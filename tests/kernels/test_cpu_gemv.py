@@ -1,0 +1,109 @@
+"""Tests of kernels/cpu_gemv.py: the int8 x float32 few-row kernel built at run time.
+
+Numerics against torch's ``aten._weight_int8pack_mm`` (the same int8 math, another
+summation order: float32 rounding only), every row count it takes, widths that leave a
+tail after the 16-wide loop, input checks, and the build's failure path (a compiler that
+fails must give ``False`` and a warning, never an exception).
+"""
+
+from __future__ import annotations
+
+import os
+import unittest
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+from torch_mmgen_opt.kernels import cpu_gemv
+from torch_mmgen_opt.testing import TestCase, run_tests
+
+AVAILABLE = cpu_gemv.ensure_loaded()
+
+
+def _case(m: int, n: int, k: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scales = torch.rand(n, generator=g) / 127
+    return x, q, scales
+
+
+@unittest.skipUnless(AVAILABLE, "the int8 CPU kernel could not be built here")
+class TestInt8Gemv(TestCase):
+    def test_matches_torch_int8_kernel(self):
+        for m in range(1, cpu_gemv.MAX_ROWS + 1):
+            for n, k in ((1, 16), (37, 100), (64, 512), (129, 515)):
+                with self.subTest(m=m, n=n, k=k):
+                    x, q, s = _case(m, n, k, seed=m * 1000 + n)
+                    ref = torch.ops.aten._weight_int8pack_mm(x, q, s)
+                    out = cpu_gemv.int8_gemv(x, q, s)
+                    self.assertEqual(out.shape, (m, n))
+                    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+    def test_non_contiguous_inputs(self):
+        x, q, s = _case(4, 64, 256)
+        ref = torch.ops.aten._weight_int8pack_mm(x, q, s)
+        out = cpu_gemv.int8_gemv(x.t().contiguous().t(), q.t().contiguous().t(), s)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+
+    def test_bad_inputs_raise(self):
+        x, q, s = _case(9, 8, 16)
+        with self.assertRaisesRegex(RuntimeError, "1 to 8 rows"):
+            cpu_gemv.int8_gemv(x, q, s)
+        x, q, s = _case(2, 8, 16)
+        with self.assertRaisesRegex(RuntimeError, "float32"):
+            cpu_gemv.int8_gemv(x.bfloat16(), q, s)
+        with self.assertRaisesRegex(RuntimeError, "do not match"):
+            cpu_gemv.int8_gemv(x, q[:, :8], s)
+
+    def test_fake_tensor_shape(self):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode():
+            x, q, s = torch.empty(3, 64), torch.empty(10, 64, dtype=torch.int8), torch.empty(10)
+            self.assertEqual(torch.ops.mmgen_cpu.int8_gemv(x, q, s).shape, (3, 10))
+
+
+class TestBuild(TestCase):
+    def test_library_path_is_keyed(self):
+        path = cpu_gemv.library_path()
+        self.assertTrue(path.name.startswith("mmgen_cpu_int8_gemv_"))
+        with mock.patch.dict(os.environ, {"TORCH_MMGEN_OPT_CACHE": "/tmp/elsewhere"}):
+            self.assertEqual(cpu_gemv.library_path().parent, Path("/tmp/elsewhere"))
+            self.assertEqual(cpu_gemv.library_path().name, path.name)
+
+    def test_failed_build_is_a_warning_not_an_error(self):
+        state = {"loaded": False, "failed": None}
+        with mock.patch.object(cpu_gemv, "_state", state), \
+                mock.patch.object(cpu_gemv, "library_path", return_value=Path("/nonexistent/x.so")), \
+                mock.patch.object(cpu_gemv, "_build", side_effect=RuntimeError("no compiler")), \
+                self.assertLogs("torch_mmgen_opt", level="WARNING") as logs:
+            self.assertFalse(cpu_gemv.ensure_loaded())
+            self.assertFalse(cpu_gemv.ensure_loaded())  # remembered: one warning
+            self.assertEqual(cpu_gemv.cache_token(), "int8_gemv:0")
+        self.assertEqual(len(logs.records), 1)
+        self.assertIn("no compiler", logs.output[0])
+
+    def test_compiler_error_is_reported(self):
+        with mock.patch.object(cpu_gemv, "_compiler", return_value="false"), \
+                self.assertRaisesRegex(RuntimeError, "failed"):
+            cpu_gemv._build(Path(self.enterContext(_tmpdir())) / "x.so")
+
+    def test_disabled_by_environment(self):
+        state = {"loaded": False, "failed": None}
+        with mock.patch.object(cpu_gemv, "_state", state), \
+                mock.patch.dict(os.environ, {"TORCH_MMGEN_OPT_NO_CPP_KERNELS": "1"}), \
+                mock.patch.object(cpu_gemv, "_build") as build:
+            self.assertFalse(cpu_gemv.ensure_loaded())
+        build.assert_not_called()
+
+
+def _tmpdir():
+    import tempfile
+
+    return tempfile.TemporaryDirectory()
+
+
+if __name__ == "__main__":
+    run_tests()

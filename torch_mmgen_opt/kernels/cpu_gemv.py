@@ -1,0 +1,180 @@
+"""Our one C++ kernel: few-row float32 x int8 weight-only products on CPU.
+
+``torch.ops.mmgen_cpu.int8_gemv(x, q, scales)`` computes ``(x @ q.T) * scales`` for
+``x`` ``(M, K)`` float32 with ``1 <= M <= 8``, ``q`` ``(N, K)`` int8 and ``scales``
+``(N,)`` float32: the weight-only int8 linear of a decode step
+(``kernels/quant.py``'s ``"int8"`` scheme). ``passes/decode_gemv.py`` puts it in place
+of ``aten._weight_int8pack_mm`` in compiled CPU decode graphs.
+
+Why a hand-written kernel: a decode step is bound by reading its weights, and int8
+weights are a quarter of float32's bytes, but on the development machine (AMD EPYC,
+AVX2, torch 2.13) neither shipped path reads them fast with float32 activations:
+``_weight_int8pack_mm`` took 41-59 ms where the float32 matrix-vector code took 2.4 ms
+(12 weights of 2048 x 512, 4 rows), and Inductor's CPU code for an int8 multiply-reduce
+loads 8-bit data through a temporary buffer (``Vectorized<int8_t>::loadu(ptr, 8)``),
+2.9x slower than float32. This kernel widens 16 weights at a time with AVX2 and
+multiplies them into the ``M`` rows of ``x`` (``csrc/int8_gemv.cpp``).
+
+Build: the source ships with the package and is compiled on first use with the C++
+compiler Inductor uses (``$CXX`` or ``c++``; ``-O3``, AVX2/FMA where
+``torch.backends.cpu.get_cpu_capability()`` reports them, OpenMP like ATen), linked
+against the installed torch, into a per-user cache keyed by the source, torch version
+and flags (``$TORCH_MMGEN_OPT_CACHE``, default ``~/.cache/torch_mmgen_opt``); ~12 s
+once, then loaded in milliseconds. A library built earlier is loaded when this module is
+imported, so Inductor's cached graphs that call the op find it. If the build fails (no
+compiler, unsupported platform) a warning is logged once and :func:`ensure_loaded`
+returns ``False``: the pass then leaves ``_weight_int8pack_mm`` in place.
+``TORCH_MMGEN_OPT_NO_CPP_KERNELS=1`` disables the build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("torch_mmgen_opt")
+
+__all__ = ["MAX_ROWS", "cache_token", "ensure_loaded", "int8_gemv", "is_loaded", "library_path"]
+
+MAX_ROWS = 8
+_SOURCE = Path(__file__).with_name("csrc") / "int8_gemv.cpp"
+_lock = threading.Lock()
+_state: dict[str, object] = {"loaded": False, "failed": None}
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+
+
+def _isa_flags() -> list[str]:
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001 - an old or unusual build: compile portable code
+        return []
+    return ["-mavx2", "-mfma"] if capability in ("AVX2", "AVX512") else []
+
+
+def _flags() -> list[str]:
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-w",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *_isa_flags()]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("TORCH_MMGEN_OPT_CACHE")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "torch_mmgen_opt"
+
+
+def library_path() -> Path:
+    """Where the library for this source, torch and flags is (or will be) built."""
+    key = hashlib.sha256()
+    key.update(_SOURCE.read_bytes())
+    key.update(torch.__version__.encode())
+    key.update(" ".join(_flags()).encode())
+    return _cache_dir() / f"mmgen_cpu_int8_gemv_{key.hexdigest()[:16]}.so"
+
+
+def _build(target: Path) -> None:
+    from torch.utils import cpp_extension
+    from torch.utils._filelock import FileLock
+
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set $CXX)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock", timeout=600):
+        if target.exists():  # another process built it while we waited
+            return
+        torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+        includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            out = os.path.join(tmp, target.name)
+            cmd = [cxx, str(_SOURCE), *_flags(), *includes, f"-L{torch_lib}",
+                   f"-Wl,-rpath,{torch_lib}", "-ltorch", "-ltorch_cpu", "-lc10", "-o", out]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+            os.replace(out, target)
+
+
+def _load(path: Path) -> None:
+    torch.ops.load_library(str(path))
+
+    @torch.library.register_fake("mmgen_cpu::int8_gemv")
+    def _(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        torch._check(x.dim() == 2 and q.dim() == 2 and x.shape[1] == q.shape[1])
+        return x.new_empty((x.shape[0], q.shape[0]))
+
+    _state["loaded"] = True
+
+
+def is_loaded() -> bool:
+    return bool(_state["loaded"])
+
+
+def ensure_loaded() -> bool:
+    """Build (first time on this machine) and load the library; ``False`` if that is
+    not possible here (the reason is logged once)."""
+    if _state["loaded"]:
+        return True
+    if _state["failed"] is not None:
+        return False
+    with _lock:
+        if _state["loaded"]:
+            return True
+        if os.environ.get("TORCH_MMGEN_OPT_NO_CPP_KERNELS") == "1":
+            _state["failed"] = "disabled by TORCH_MMGEN_OPT_NO_CPP_KERNELS=1"
+            return False
+        try:
+            path = library_path()
+            if not path.exists():
+                log.info("building the int8 CPU matrix-vector kernel (once) into %s", path)
+                _build(path)
+            _load(path)
+        except Exception as e:  # noqa: BLE001 - no kernel: the caller keeps torch's op
+            _state["failed"] = f"{type(e).__name__}: {e}"
+            log.warning("torch_mmgen_opt: the int8 CPU kernel is unavailable (%s); "
+                        "int8 decode steps keep aten._weight_int8pack_mm", _state["failed"])
+            return False
+    return True
+
+
+def cache_token() -> str:
+    """Part of the pass manager's uuid: graphs compiled with and without the kernel
+    must not share Inductor cache entries."""
+    return f"int8_gemv:{int(is_loaded())}"
+
+
+def int8_gemv(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``(x @ q.T) * scales`` through the kernel (see the module docstring)."""
+    if not ensure_loaded():
+        raise RuntimeError(f"the int8 CPU kernel is unavailable: {_state['failed']}")
+    return torch.ops.mmgen_cpu.int8_gemv(x, q, scales)
+
+
+def _load_if_built() -> None:
+    """At import: load a library built earlier (cheap), never build."""
+    if os.environ.get("TORCH_MMGEN_OPT_NO_CPP_KERNELS") == "1":
+        return
+    try:
+        path = library_path()
+        if path.exists():
+            with _lock:
+                if not _state["loaded"]:
+                    _load(path)
+    except Exception as e:  # noqa: BLE001 - a stale or broken file: rebuilt on demand
+        log.debug("could not load %s: %s", "the int8 CPU kernel", e)
+
+
+_load_if_built()
