@@ -12,9 +12,13 @@ measured in the same run, interleaved repeat by repeat:
 - ``compiled, packed``: ``pack_linear=True, decode_gemv=False``: oneDNN on weights
   packed once (``kernels/packed_linear.py``);
 - ``compiled, decode_gemv``: the default: the pass rewrites each matmul into per-row
-  multiply-reduce that Inductor fuses into one loop per weight.
+  multiply-reduce that Inductor fuses into one loop per weight;
+- ``compiled, int8 kernel``: ``quantize=int8`` on every linear (head included): the pass
+  puts our int8 CPU kernel in place of ``_weight_int8pack_mm`` (lossy: its
+  ``max |diff|`` is the quantization error, not rounding).
 
-Reported: ms per step, achieved GB/s over the weight bytes and its fraction of the read
+Reported: ms per step, achieved GB/s over the weight bytes each variant reads (int8: a
+quarter of float32's, plus scales) and its fraction of the read
 bandwidth measured on this machine (``measure_read_bandwidth``), speedup over eager and
 over ``compiled, MKL``; compile time (first call) apart.
 
@@ -64,7 +68,15 @@ class Stack(nn.Module):
 
 
 def _weight_bytes(model: nn.Module) -> int:
-    return sum(m.weight.nbytes for m in model.modules() if isinstance(m, nn.Linear))
+    """Bytes of the weights a step reads: float ``nn.Linear`` weights, or a quantized
+    layer's int8 weight and scales."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            total += m.weight.nbytes
+        elif hasattr(m, "qweight"):
+            total += m.qweight.nbytes + m.scales.nbytes
+    return total
 
 
 @torch.no_grad()
@@ -79,6 +91,7 @@ def main(
     write: bool = True,
 ) -> list[dict[str, Any]]:
     import torch_mmgen_opt as mmgen
+    from torch_mmgen_opt.config import QuantizeConfig
 
     if smoke:
         dim, ffn, layers, vocab, rows, repeats = 256, 512, 2, 1024, (4,), 3
@@ -89,6 +102,7 @@ def main(
         "compiled, MKL": dict(decode_gemv=False),
         "compiled, packed": dict(decode_gemv=False, pack_linear=True),
         "compiled, decode_gemv": dict(),
+        "compiled, int8 kernel": dict(quantize=QuantizeConfig(scheme="int8", include_output=True)),
     }
     state = Stack(dim, ffn, layers, vocab).state_dict()
     nbytes = _weight_bytes(Stack(dim, ffn, layers, vocab))
@@ -98,13 +112,14 @@ def main(
         # rows as a dynamic dim (automatic dynamic shapes), which the pass leaves alone
         torch._dynamo.reset()
         x = torch.randn(M, 1, dim)
-        fns, compile_s, outs = {}, {}, {}
+        fns, compile_s, outs, read = {}, {}, {}, {}
         for name, options in variants.items():
             model = Stack(dim, ffn, layers, vocab).eval()
             model.load_state_dict(state)  # the same values, in this variant's own tensors
             fn = model if options is None else mmgen.optimize(model, **options)
             compile_s[name], outs[name] = timed_first_call(lambda f=fn, x=x: f(x))
             fns[name] = fn
+            read[name] = _weight_bytes(model)  # prepared in place: int8 layers read less
         times: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(3):  # warm up every variant
             for fn in fns.values():
@@ -116,10 +131,11 @@ def main(
                 times[name].append(time.perf_counter() - t0)
         med = {name: statistics.median(ts) for name, ts in times.items()}
         for name in fns:
-            gbs = nbytes / med[name] / 1e9
+            gbs = read[name] / med[name] / 1e9
             table.append({
                 "rows": M,
                 "variant": name,
+                "weights MB": read[name] / 1e6,
                 "ms/step": med[name] * 1e3,
                 "GB/s": gbs,
                 "of bandwidth": gbs * 1e9 / bandwidth,
@@ -132,7 +148,8 @@ def main(
     if write:
         notes = (
             f"Stack: {layers} blocks of 4 x ({dim}x{dim}) + ({ffn}x{dim}) + ({dim}x{ffn}), "
-            f"head {vocab}x{dim}; float32 weights {nbytes / 1e6:.1f} MB per step; read "
+            f"head {vocab}x{dim}; float32 weights {nbytes / 1e6:.1f} MB per step (int8: "
+            "'weights MB'); read "
             f"bandwidth measured here {bandwidth / 1e9:.1f} GB/s. Every variant has its own "
             "copy of the same weights (the model is prepared in place). Median of "
             f"{repeats} steps, variants interleaved."
