@@ -70,9 +70,11 @@ class Stack(nn.Module):
 def _weight_bytes(model: nn.Module) -> int:
     """Bytes of the weights a step reads: float ``nn.Linear`` weights, or a quantized
     layer's int8 weight and scales."""
+    from torch_mmgen_opt.kernels.packed_linear import PackedLinear
+
     total = 0
     for m in model.modules():
-        if isinstance(m, nn.Linear):
+        if isinstance(m, (nn.Linear, PackedLinear)):  # packed: the same float32 bytes
             total += m.weight.nbytes
         elif hasattr(m, "qweight"):
             total += m.qweight.nbytes + m.scales.nbytes
