@@ -75,10 +75,11 @@ class TestBuild(TestCase):
 
     def test_failed_build_is_a_warning_not_an_error(self):
         state = {"loaded": False, "failed": None}
-        with mock.patch.object(cpu_gemv, "_state", state), \
+        with mock.patch.dict(os.environ), mock.patch.object(cpu_gemv, "_state", state), \
                 mock.patch.object(cpu_gemv, "library_path", return_value=Path("/nonexistent/x.so")), \
                 mock.patch.object(cpu_gemv, "_build", side_effect=RuntimeError("no compiler")), \
                 self.assertLogs("torch_mmgen_opt", level="WARNING") as logs:
+            os.environ.pop("TORCH_MMGEN_OPT_NO_CPP_KERNELS", None)  # the build is attempted
             self.assertFalse(cpu_gemv.ensure_loaded())
             self.assertFalse(cpu_gemv.ensure_loaded())  # remembered: one warning
             self.assertEqual(cpu_gemv.cache_token(), "int8_gemv:0")
