@@ -48,9 +48,10 @@ $PY -c "import torch, triton; print(torch.__version__, torch.version.cuda, trito
 
 for s in $STEPS; do
     case $s in
-        tests)  # tests/test_cuda.py and the CUDA tests beside the CPU ones (skipped on CPU)
+        tests)  # tests/test_cuda.py and the CUDA tests beside the CPU ones (skipped on CPU),
+            # and the int8 CPU kernel's tests: its build against this image's torch headers
             step tests 100 $PY -m pytest -q -rs -n 4 --tb=short -p no:cacheprovider tests \
-                -k "cuda or Triton or speech_encoder" ;;
+                -k "cuda or Triton or speech_encoder or Int8Gemv or TestBuild" ;;
         seamless)  # the published large shapes, bf16, per stage and end to end
             step seamless 300 $PY -m benchmarks.bench_seamless --device cuda --size large \
                 --dtype bfloat16 --repeats 3 ;;
