@@ -31,7 +31,13 @@ weights, ``addmm`` with ``beta``/``alpha``.
 Exactness: the sums run in another order than MKL's, so outputs differ by float32
 rounding only (tested against eager at ``1e-5``).
 
-Counters: ``gemv_rewritten``, ``gemv_skipped``.
+int8 weights: ``aten._weight_int8pack_mm(x, q, scales)`` (weight-only int8, float32
+``x``, a static ``1 <= M <= MAX_ROWS``, CPU) becomes ``mmgen_cpu.int8_gemv``, our C++
+kernel (``kernels/cpu_gemv.py``), when it is loaded: torch's kernel has no fast float32
+path on AVX2, and the multiply-reduce form is slow for 8-bit loads in Inductor's CPU code
+(``docs/passes/decode_gemv.md``). Same int8 math, another summation order.
+
+Counters: ``gemv_rewritten``, ``gemv_skipped`` (int8 details start with ``int8``).
 """
 
 from __future__ import annotations
