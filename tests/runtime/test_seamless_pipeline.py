@@ -53,6 +53,35 @@ class TestStaticRuntime(TestCase):
                     with self.subTest(eos_id=eos_id, T=T, pad=pad):
                         self._check(model, opt, T)
 
+    def test_cross_attention_both_step_forms_match_eager(self):
+        """Exact lengths on CPU: up to CROSS_IN_GRAPH_MAX_KEYS cross keys the step runs
+        its cross-attention unfolded (one query row per beam), above it folded (the
+        beams as query rows of one call); both give eager's tokens and waveform."""
+        from unittest import mock
+
+        from torch_mmgen_opt.runtime import seamless_pipeline
+
+        model = build("seamless", "tiny", eos_id=184)
+        opt = OptimizedSeamless(model, frame_buckets=(64, 128), compile=False)
+        self.assertTrue(opt.cross_attention_in_graph)
+        self.assertFalse(opt.step_short_cross.step.fold_beams)
+        self.assertTrue(opt.step.step.fold_beams)
+        used = []
+        for limit in (seamless_pipeline.CROSS_IN_GRAPH_MAX_KEYS, 0):  # 0: always folded
+            for T in (40, 120):
+                with self.subTest(limit=limit, T=T), \
+                        mock.patch.object(seamless_pipeline, "CROSS_IN_GRAPH_MAX_KEYS", limit), \
+                        mock.patch.object(opt.step_short_cross, "forward",
+                                          side_effect=opt.step_short_cross.forward) as short:
+                    self._check(model, opt, T)
+                    used.append(short.called)
+        self.assertEqual(used, [True, True, False, False])
+        # padded (CUDA's default) never takes the unfolded form
+        padded = OptimizedSeamless(model, frame_buckets=(64, 128), compile=False,
+                                   pad_to_buckets=True)
+        self.assertFalse(padded.cross_attention_in_graph)
+        self.assertIsNone(padded.step_short_cross)
+
     def test_exact_lengths_attend_over_the_utterance_keys_only(self):
         """Unpadded (CPU's default), the decoder step and T2U read the first S cross keys
         of the static buffers, never all S_max of them; padded, they read S_max."""
@@ -253,9 +282,37 @@ class TestCompiledPipeline(TestCase):
         return opt
 
     def test_compiled_matches_eager_across_buckets_without_recompiles(self):
+        """Exact lengths (CPU's default) across buckets: eager's tokens, no recompile; and
+        the two forms of the step's cross-attention: these utterances (at most
+        CROSS_IN_GRAPH_MAX_KEYS keys) ran the step graph whose cross-attention
+        fuse_attention leaves to Inductor (one query row per beam); with the bound at 0
+        an utterance runs the other step graph, whose folded cross-attention (the beams
+        as query rows) is fused into SDPA. Tokens equal eager's either way."""
+        from unittest import mock
+
+        from torch_mmgen_opt.runtime import seamless_pipeline
+
         opt = self._run_compiled("cpu", pack_linear=True)
         self.assertFalse(opt.pad_to_buckets)  # CPU default: exact lengths, no recompile
         self.assertIn("packed", opt.packed_linears.values())
+        self.assertTrue(opt.cross_attention_in_graph)
+        model, cfg = opt.model, opt.model.config
+
+        def cross_events():  # fuse_attention's decisions on cross keys (a dynamic length)
+            return [(e.kind, e.detail) for e in opt.report.events
+                    if "attention" in e.kind and "kv_len=None" in e.detail
+                    and e.detail.startswith(("inductor: q_len=1 ", f"q_len={cfg.beam_size} "))]
+
+        unfolded = ("attention_left_to_inductor", "inductor: q_len=1 kv_len=None float32")
+        self.assertEqual(cross_events(), [unfolded] * cfg.dec_layers)
+        with mock.patch.object(seamless_pipeline, "CROSS_IN_GRAPH_MAX_KEYS", 0):
+            tokens, wav = model(_fbank(40))
+            tokens_o, wav_o = opt(_fbank(40))
+        self.assertEqual(tokens_o, tokens, atol=0, rtol=0)
+        torch.testing.assert_close(wav_o, wav, rtol=1e-4, atol=1e-4)
+        folded = ("attention_fused", f"q_len={cfg.beam_size} kv_len=None float32")
+        self.assertEqual(cross_events()[cfg.dec_layers:], [folded] * cfg.dec_layers)
+        self.assertEqual(opt.report.graphs_compiled, 4)  # + the folded step graph
 
     def test_compiled_padded_to_buckets_cpu(self):
         opt = self._run_compiled("cpu", pad_to_buckets=True, pack_linear=False)

@@ -32,9 +32,11 @@ backend bound to the config; CUDA graphs are on (on CUDA) for every stage but th
 reorder. The bucket padding above is the CUDA default (``pad_to_buckets``). On CPU,
 where nothing is captured: the encoder sees the exact frames (one graph, frame dim
 dynamic), the decoder step and the T2U stage attend over the utterance's ``S`` cross
-keys (``S`` dynamic), the vocoder runs uncompiled with channels-last convolutions on the
-exact units, and the float32 linears of the encoder, decoder and T2U copies go through
-packed oneDNN (``pack_linear``); see :class:`OptimizedSeamless`.
+keys (``S`` dynamic; up to ``CROSS_IN_GRAPH_MAX_KEYS`` keys the step runs a second graph
+whose cross-attention Inductor fuses into its kernels), the vocoder runs uncompiled
+with channels-last convolutions on the exact units, and the float32 linears of the
+encoder, decoder and T2U copies go through packed oneDNN (``pack_linear``); see
+:class:`OptimizedSeamless`.
 :meth:`OptimizedSeamless.stage_times` and :func:`eager_stage_times` give the per-stage
 breakdown (encoder, decoder, t2u, vocoder).
 """
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import logging
 import time
@@ -62,6 +65,11 @@ log = logging.getLogger("torch_mmgen_opt")
 __all__ = ["OptimizedHFSeamless", "OptimizedSeamless", "eager_stage_times", "optimize_hf_seamless"]
 
 STAGES = ("encoder", "decoder", "t2u", "vocoder")
+# cross keys (encoder frames after subsampling) up to which the CPU decode step computes
+# cross-attention in its own kernels rather than through the flash kernel: 100 keys
+# 3% faster, 500 keys 11% slower (decoder stage, small model); the same bound as
+# fuse_attention's one-query rule (passes/fuse_attention.py, prefer_sdpa)
+CROSS_IN_GRAPH_MAX_KEYS = 128
 
 
 class _LayerCache(nn.Module):
@@ -111,9 +119,10 @@ class _EncoderStage(nn.Module):
 
 
 class _DecoderStep(nn.Module):
-    def __init__(self, model: Seamless, state: _State) -> None:
+    def __init__(self, model: Seamless, state: _State, fold_beams: bool = True) -> None:
         super().__init__()
         self.decoder, self.state, self.eos_id = model.decoder, state, model.config.eos_id
+        self.fold_beams = fold_beams
 
     def forward(self, tok, pos, scores, finished, cross_mask=None):
         """tok (K,) current tokens at position ``pos`` (1,) -> beam_select outputs.
@@ -137,10 +146,16 @@ class _DecoderStep(nn.Module):
             x = x + a.merge(attend(q, c.k, c.v, valid))
             ca = layer.cross_attn
             q = ca.heads(ca.q_proj(layer.cross_ln(x)))  # (K, nh, 1, hd)
-            # every beam reads the same (1, nh, S, hd) K/V: fold the beams into query rows
-            # (1, nh, K, hd) so K/V are read once, not expanded to K copies
-            out = attend(q.transpose(0, 2), c.ck[:, :, :S], c.cv[:, :, :S], cross_allowed)
-            out = out.transpose(0, 2)
+            if self.fold_beams:
+                # every beam reads the same (1, nh, S, hd) K/V: fold the beams into query
+                # rows (1, nh, K, hd) so a fused kernel reads K/V once, not K copies
+                out = attend(q.transpose(0, 2), c.ck[:, :, :S], c.cv[:, :, :S], cross_allowed)
+                out = out.transpose(0, 2)
+            else:
+                # one query row per beam against the broadcast K/V: Inductor's CPU code
+                # turns one-row matmuls into fused multiply-reduce loops (the broadcast
+                # is index arithmetic, no copies) inside the step's kernels
+                out = attend(q, c.ck[:, :, :S], c.cv[:, :, :S], cross_allowed)
             x = x + ca.merge(out)
             x = x + layer.ffn(layer.ffn_ln(x))
         logits = dec.lm_head(dec.final_ln(x))[:, 0]  # (K, vocab)
@@ -177,6 +192,14 @@ class _StepAndReorder(nn.Module):
         tok, beam_idx, scores, finished = self.step(tok, pos, scores, finished, cross_mask)
         self.reorder(beam_idx, tok, pos)
         return tok, beam_idx, scores, finished
+
+
+class _StepAndReorderShortCross(_StepAndReorder):
+    """:class:`_StepAndReorder` over a step whose cross-attention is left to Inductor
+    (``fold_beams=False``); its own ``forward`` gives it its own Dynamo cache."""
+
+    def forward(self, tok, pos, scores, finished, cross_mask=None):
+        return super().forward(tok, pos, scores, finished, cross_mask)
 
 
 class _T2UStage(nn.Module):
@@ -260,6 +283,8 @@ def _default_unit_buckets(max_units: int) -> tuple[int, ...]:
 
 
 class OptimizedSeamless:
+    _cross_in_graph_default = True  # benchmarks/diagnostics flip it for an A/B
+
     """Optimized pipeline over a :class:`~torch_mmgen_opt.models.seamless.Seamless`.
 
     Args:
@@ -339,9 +364,10 @@ class OptimizedSeamless:
         self._scores0[0] = 0.0
         self._finished0 = torch.zeros(K, dtype=torch.bool, device=self.device)
         self._cross_view: tuple[torch.Tensor, ...] = ()  # set per utterance by run_encoder
+        self._cross_len = 0
 
         self.compiled = compile
-        wrap = self._compile if compile else (lambda m, cuda_graphs, dynamic=False, quantize=True: m)
+        wrap = self._compile if compile else (lambda m, cuda_graphs, **_: m)
         quantize_all = not self.decode_only_quantized  # else encoder and T2U stay float
         # exact lengths: the frame dim is marked dynamic per call (run_encoder), not every
         # dim (dynamic=True also made the packed weights' sizes symbolic and compiled twice)
@@ -351,8 +377,25 @@ class OptimizedSeamless:
         # without CUDA graphs the reorder joins the step's graph (one call a step, and no
         # copies of the outputs, which a CUDA-graph replay would overwrite)
         self.fused_reorder = not (compile and on_cuda and self.config.cuda_graphs is not False)
+        # CPU, exact lengths, up to CROSS_IN_GRAPH_MAX_KEYS cross keys: a second step
+        # graph (compiled on first use) whose cross-attention is one-row matmuls that
+        # Inductor fuses into the step's kernels, instead of six flash-kernel calls a
+        # step (~0.1 ms each, mostly call overhead at 4 beams x S keys). Longer
+        # utterances keep the flash kernel, which wins there (docs/workloads/seamless.md)
+        self.cross_attention_in_graph = (
+            self.fused_reorder and not on_cuda and not self.pad_to_buckets
+            and self.config.attention.fuse and self.config.attention.backend == "auto"
+            and self._cross_in_graph_default
+        )
+        self.step_short_cross = None
         if self.fused_reorder:
             self.step, self.reorder = wrap(_StepAndReorder(step, reorder), cuda_graphs=False), None
+            if self.cross_attention_in_graph:
+                short = _StepAndReorderShortCross(
+                    _DecoderStep(parts, self.state, fold_beams=False), reorder)
+                self.step_short_cross = wrap(
+                    short, cuda_graphs=False,
+                    attention=dataclasses.replace(self.config.attention, backend="inductor"))
         else:
             self.step = wrap(step, cuda_graphs=True)
             self.reorder = wrap(reorder, cuda_graphs=False)
@@ -432,7 +475,8 @@ class OptimizedSeamless:
         return parts
 
     def _compile(self, module: nn.Module, cuda_graphs: bool,
-                 dynamic: bool | None = False, quantize: bool = True) -> Callable[..., Any]:
+                 dynamic: bool | None = False, quantize: bool = True,
+                 attention: Any = None) -> Callable[..., Any]:
         from ..api import mmgen_backend
 
         # CUDA graphs where the stage allows them, unless the user turned them off
@@ -440,6 +484,8 @@ class OptimizedSeamless:
         cfg = self.config.replace(cuda_graphs=use)
         if not quantize:  # a stage kept float: quantize_linear's graph pass must not run
             cfg = cfg.replace(quantize=None)
+        if attention is not None:  # this stage's own attention choice
+            cfg = cfg.replace(attention=attention)
         backend = functools.partial(mmgen_backend, config=cfg, report=self.report)
         return torch.compile(module, backend=backend, fullgraph=True, dynamic=dynamic)
 
@@ -463,7 +509,7 @@ class OptimizedSeamless:
             fbank = fbank.view(fbank.shape)  # mark a view, not the caller's tensor
             torch._dynamo.maybe_mark_dynamic(fbank, 1)  # one graph for every length
         mask, kv = self.encode(fbank, lengths)
-        S = mask.shape[1]
+        S = self._cross_len = mask.shape[1]
         st = self.state
         st.cross_mask.zero_()
         st.cross_mask[:, :S].copy_(mask)
@@ -500,13 +546,16 @@ class OptimizedSeamless:
         st = self.state
         st.hist.fill_(cfg.bos_id)
         tok, scores, finished = self._bos, self._scores0, self._finished0
+        step = self.step
+        if self.step_short_cross is not None and self._cross_len <= CROSS_IN_GRAPH_MAX_KEYS:
+            step = self.step_short_cross
         steps = 0
         for t in range(cfg.max_new_tokens):
             pos = self._positions[t]
             # the first step runs with every guard; set_stance takes effect when called,
             # so the context is made here, inside the with, and ends with it
             with self._steady_state() if t > 0 else contextlib.nullcontext():
-                out = self.step(tok, pos, scores, finished, *self._cross_view)
+                out = step(tok, pos, scores, finished, *self._cross_view)
                 if self.fused_reorder:
                     tok, _, scores, finished = out
                 else:
