@@ -82,6 +82,43 @@ class TestStaticRuntime(TestCase):
         self.assertFalse(padded.cross_attention_in_graph)
         self.assertIsNone(padded.step_short_cross)
 
+    def test_text_to_unit_from_kept_decoder_states(self):
+        """The T2U stage reads the decoder states the search kept (computing only the
+        last position) for the search's own tokens: the same units as the re-run over
+        the text, whether the chosen beam stopped early (eos 184) or ran to the length
+        limit (eos 2, where its last position was never run by the search). Other
+        tokens, or tokens after another utterance was encoded, take the re-run."""
+        from unittest import mock
+
+        for eos_id in (2, 184):
+            model = build("seamless", "tiny", eos_id=eos_id)
+            for pad in (False, True):
+                opt = OptimizedSeamless(model, frame_buckets=(64, 128), compile=False,
+                                        pad_to_buckets=pad)
+                self.assertTrue(opt.reuse_decoder_states)
+                for T in (40, 120):
+                    with self.subTest(eos_id=eos_id, pad=pad, T=T), \
+                            mock.patch.object(opt.text_to_unit_from_states, "forward",
+                                              side_effect=opt.text_to_unit_from_states.forward) as kept, \
+                            mock.patch.object(opt.text_to_unit, "forward",
+                                              side_effect=opt.text_to_unit.forward) as rerun:
+                        opt.run_encoder(_fbank(T))
+                        tokens = opt.run_decoder()
+                        units, n = opt.run_t2u(tokens)
+                        self.assertEqual((kept.call_count, rerun.call_count), (1, 0))
+                        opt._searched = None  # forget the search: the re-run
+                        units_r, n_r = opt.run_t2u(tokens)
+                        self.assertEqual((kept.call_count, rerun.call_count), (1, 1))
+                        self.assertEqual(n, n_r)
+                        self.assertEqual(units[:, :n], units_r[:, :n], atol=0, rtol=0)
+                        opt.run_decoder()
+                        opt.run_t2u(tokens[:, :-1])  # not the search's tokens
+                        opt.run_encoder(_fbank(T + 1))  # another utterance
+                        opt.run_t2u(tokens)
+                        self.assertEqual((kept.call_count, rerun.call_count), (1, 3))
+                        if eos_id == 2:  # never finishes: the last position is new here
+                            self.assertEqual(tokens.shape[1], model.config.max_new_tokens)
+
     def test_exact_lengths_attend_over_the_utterance_keys_only(self):
         """Unpadded (CPU's default), the decoder step and T2U read the first S cross keys
         of the static buffers, never all S_max of them; padded, they read S_max."""
@@ -254,6 +291,19 @@ class TestCompiledPipeline(TestCase):
         self.assertIsInstance(opt, OptimizedSeamless)
         # every length here gives at most 52 units: one vocoder bucket
         self.assertEqual(opt.unit_buckets, (64,))
+        # the same runtime uncompiled: after each search the compiled one must hold the
+        # same cache, token history and kept states (the beam reorder permutes rows in
+        # place; a permuting step is checked to occur below)
+        ref = OptimizedSeamless(model, OptimizeConfig(prefill_buckets=(64, 128), **options),
+                                compile=False, pad_to_buckets=opt.pad_to_buckets)
+        beam_orders = []
+        real_reorder = ref.step.reorder.forward
+
+        def spy(beam_idx, *args):
+            beam_orders.append(beam_idx.tolist())
+            return real_reorder(beam_idx, *args)
+
+        ref.step.reorder.forward = spy
         graphs_after_bucket = {}
         for T, bucket in LENGTHS:
             with self.subTest(T=T):
@@ -262,6 +312,16 @@ class TestCompiledPipeline(TestCase):
                 self.assertEqual(tokens_o, tokens, atol=0, rtol=0)
                 self.assertEqual(wav_o.shape, wav.shape)
                 torch.testing.assert_close(wav_o, wav, rtol=1e-4, atol=1e-4)
+                ref(_fbank(T, device))
+                n = ref.steps_run
+                self.assertEqual(opt.steps_run, n)
+                self.assertEqual(opt.state.hist[:, : n + 1], ref.state.hist[:, : n + 1])
+                for c, c_ref in zip(opt.state.layers, ref.state.layers):
+                    torch.testing.assert_close(c.k[:, :, :n], c_ref.k[:, :, :n], rtol=1e-4, atol=1e-4)
+                    torch.testing.assert_close(c.v[:, :, :n], c_ref.v[:, :, :n], rtol=1e-4, atol=1e-4)
+                if opt.reuse_decoder_states:
+                    torch.testing.assert_close(opt.state.hid[:, :n], ref.state.hid[:, :n],
+                                               rtol=1e-4, atol=1e-4)
             graphs = counters["stats"]["unique_graphs"]
             if bucket in graphs_after_bucket:  # same bucket: no recompile
                 self.assertEqual(graphs, graphs_after_bucket[bucket])
@@ -279,6 +339,10 @@ class TestCompiledPipeline(TestCase):
             expected = 2 + step_graphs
         self.assertEqual(counters["stats"]["unique_graphs"], expected)
         self.assertEqual(opt.report.graphs_compiled, expected)
+        # a step that moves a row onto one another row then reads (the case an in-place
+        # gather gets wrong) happened in these searches
+        self.assertTrue(any(any(i < k and order[i] != i for k, i in enumerate(order))
+                            for order in beam_orders), beam_orders)
         return opt
 
     def test_compiled_matches_eager_across_buckets_without_recompiles(self):
@@ -330,9 +394,13 @@ class TestCompiledPipeline(TestCase):
                 self.assertEqual(tokens_o, tokens, atol=0, rtol=0)
                 torch.testing.assert_close(wav_o, wav, rtol=1e-4, atol=1e-4)
         layers = model.config.dec_layers
-        self.assertEqual(counters["mmgen"]["gemv_rewritten"], 2 * layers + 1)  # fc1, fc2; head
+        # the step: fc1, fc2 of every layer and the head (3 beams); the text-to-unit
+        # stage's last position (one row through the step's decoder): fc1, fc2
+        self.assertTrue(opt.reuse_decoder_states)
+        self.assertEqual(counters["mmgen"]["gemv_rewritten"], (2 * layers + 1) + 2 * layers)
         rewritten = [e.detail for e in opt.report.events if e.kind == "gemv_rewritten"]
         self.assertEqual(rewritten.count("3 rows x 1024 outputs"), layers + 1)  # fc1s, head
+        self.assertEqual(rewritten.count("1 rows x 1024 outputs"), layers)  # fc1s
         self.assertFalse(any(k.startswith("decoder.") for k in opt.packed_linears))
 
     def test_int8_decode_step_compiled(self):

@@ -296,15 +296,17 @@ def beam_select(
 
 
 def best_hypothesis(hist: torch.Tensor, scores: torch.Tensor, eos_id: int,
-                    length_penalty: float) -> torch.Tensor:
+                    length_penalty: float, return_row: bool = False):
     """hist (K, 1 + n) with BOS first -> the best tokens (1, L) (through its first EOS),
-    scores normalised by length ** length_penalty."""
+    scores normalised by length ** length_penalty; with ``return_row``, ``(tokens, the
+    beam row they came from)``."""
     gen = hist[:, 1:]
     is_eos = gen == eos_id
     first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, gen.shape[1])  # (K,)
     norm = scores / first.to(scores.dtype) ** length_penalty
     best = int(norm.argmax())
-    return gen[best : best + 1, : int(first[best])]
+    tokens = gen[best : best + 1, : int(first[best])]
+    return (tokens, best) if return_row else tokens
 
 
 # ---------------------------------------------------------------------- text-to-unit

@@ -19,11 +19,18 @@ study's ("Accelerating Generative AI with PyTorch IV: Seamless M4T, fast"):
   reorder is one fused gather over every layer's K/V and the token history, written
   back with ``copy_`` (buffer addresses never change). It mutates its inputs, so on CUDA
   it is its own graph, run without CUDA graphs; without CUDA graphs (CPU) it is part of
-  the step's graph (``fused_reorder``: one compiled call a step).
-- **text-to-unit**: one static graph per text bucket: the decoder re-run over the chosen
-  hypothesis (cross-attention on the static buffers), the T2U encoder, durations, a static
-  length regulator (output length ``text_bucket * max_duration``, positions past the
-  predicted total masked) and the unit decoder.
+  the step's graph (``fused_reorder``: one compiled call a step), and then the step
+  leaves its cache writes to the reorder, which gathers every buffer first and writes
+  the new position after (``_DecoderStep.defer_writes``: written in the step, Inductor
+  compiled the pair into an in-place gather that read overwritten rows).
+- **text-to-unit**: one static graph per text bucket: the decoder states of the chosen
+  hypothesis, the T2U encoder, durations, a static length regulator (output length
+  ``text_bucket * max_duration``, positions past the predicted total masked) and the
+  unit decoder. With the reorder in the step's graph, the search keeps every beam's
+  decoder states (reordered with the beams) and this stage computes only the last
+  position, one row over the chosen beam's cache (``reuse_decoder_states``); otherwise
+  (CUDA graphs, or tokens that are not the last search's) it re-runs the decoder over
+  the text with cross-attention on the static buffers.
 - **vocoder**: units zero-padded to a unit bucket with their length (the vocoder masks
   activations past it), one static graph per bucket; the waveform is trimmed after.
 
@@ -98,6 +105,9 @@ class _State(nn.Module):
         )
         self.register_buffer("cross_mask", torch.zeros(1, s_max, dtype=torch.bool, device=device))
         self.register_buffer("hist", torch.zeros(K, self.max_len, dtype=torch.long, device=device))
+        # each beam's final-layer-norm decoder states, reordered with the beams: what the
+        # text-to-unit stage would otherwise recompute (OptimizedSeamless.reuse_decoder_states)
+        self.register_buffer("hid", torch.zeros(K, self.max_len, cfg.dec_dim, dtype=dtype, device=device))
         for buf in self.buffers():
             torch._dynamo.mark_static_address(buf)
 
@@ -119,17 +129,26 @@ class _EncoderStage(nn.Module):
 
 
 class _DecoderStep(nn.Module):
-    def __init__(self, model: Seamless, state: _State, fold_beams: bool = True) -> None:
+    def __init__(self, model: Seamless, state: _State, fold_beams: bool = True,
+                 defer_writes: bool = False) -> None:
         super().__init__()
         self.decoder, self.state, self.eos_id = model.decoder, state, model.config.eos_id
-        self.fold_beams = fold_beams
+        self.fold_beams, self.defer_writes = fold_beams, defer_writes
 
     def forward(self, tok, pos, scores, finished, cross_mask=None):
         """tok (K,) current tokens at position ``pos`` (1,) -> beam_select outputs.
 
         ``cross_mask``: ``None`` attends over the whole static ``(1, S_max)`` cross
         buffers (what CUDA graphs need); a ``(1, S)`` view of the state's mask attends
-        over its first ``S`` keys only (CPU: its length is a dynamic dim of one graph)."""
+        over its first ``S`` keys only (CPU: its length is a dynamic dim of one graph).
+
+        ``defer_writes`` (the step and the reorder in one graph): the cache is not
+        written here; the outputs also carry the decoder states ``(K, 1, d)`` and the
+        new K/V of every layer, which :class:`_BeamReorder` writes after reordering.
+        Written here, "index_copy_ into the cache, then copy_ of its index_select" in
+        one graph compiled (torch 2.13, CPU) into an in-place gather that read rows it
+        had already overwritten when the beams were permuted
+        (``docs/workloads/seamless.md``)."""
         dec, st = self.decoder, self.state
         x = dec.embed(tok)[:, None] * dec.scale + dec.pos.index_select(0, pos).to(dec.embed.weight.dtype)
         valid = torch.arange(st.max_len, device=tok.device) <= pos  # (max_len,)
@@ -137,13 +156,17 @@ class _DecoderStep(nn.Module):
             cross_mask = st.cross_mask
         S = cross_mask.shape[1]
         cross_allowed = cross_mask[:, None, None, :]
+        new_kv: list[torch.Tensor] = []
         for layer, c in zip(dec.layers, st.layers):
             a = layer.self_attn
             h = layer.self_ln(x)
             q, (k, v) = a.heads(a.q_proj(h)), a.project_kv(h)  # (K, nh, 1, hd)
-            c.k.index_copy_(2, pos, k)
-            c.v.index_copy_(2, pos, v)
-            x = x + a.merge(attend(q, c.k, c.v, valid))
+            if self.defer_writes:
+                keys, values = c.k.index_copy(2, pos, k), c.v.index_copy(2, pos, v)
+                new_kv.extend((k, v))
+            else:
+                keys, values = c.k.index_copy_(2, pos, k), c.v.index_copy_(2, pos, v)
+            x = x + a.merge(attend(q, keys, values, valid))
             ca = layer.cross_attn
             q = ca.heads(ca.q_proj(layer.cross_ln(x)))  # (K, nh, 1, hd)
             if self.fold_beams:
@@ -158,22 +181,34 @@ class _DecoderStep(nn.Module):
                 out = attend(q, c.ck[:, :, :S], c.cv[:, :, :S], cross_allowed)
             x = x + ca.merge(out)
             x = x + layer.ffn(layer.ffn_ln(x))
-        logits = dec.lm_head(dec.final_ln(x))[:, 0]  # (K, vocab)
-        return beam_select(logits, scores, finished, self.eos_id)
+        h = dec.final_ln(x)  # (K, 1, d)
+        logits = dec.lm_head(h)[:, 0]  # (K, vocab)
+        selected = beam_select(logits, scores, finished, self.eos_id)
+        return (*selected, h, tuple(new_kv)) if self.defer_writes else selected
 
 
 class _BeamReorder(nn.Module):
     """In-place beam reorder of every layer's self K/V and the token history."""
 
-    def __init__(self, state: _State) -> None:
+    def __init__(self, state: _State, keep_states: bool = False) -> None:
         super().__init__()
-        self.state = state
+        self.state, self.keep_states = state, keep_states
 
-    def forward(self, beam_idx, tok, pos):
+    def forward(self, beam_idx, tok, pos, states=None, new_kv=None):
+        """``states`` (K, 1, d) and ``new_kv`` (every layer's K and V at ``pos``): the
+        step's deferred writes (``_DecoderStep.defer_writes``), made here in the new
+        beam order after the reorder: every buffer is gathered first, then written,
+        never the other way round in one graph (see ``_DecoderStep``)."""
         st = self.state
-        for c in st.layers:
+        for i, c in enumerate(st.layers):
             c.k.copy_(c.k.index_select(0, beam_idx))
             c.v.copy_(c.v.index_select(0, beam_idx))
+            if new_kv is not None:
+                c.k.index_copy_(2, pos, new_kv[2 * i].index_select(0, beam_idx))
+                c.v.index_copy_(2, pos, new_kv[2 * i + 1].index_select(0, beam_idx))
+        if self.keep_states:
+            st.hid.copy_(st.hid.index_select(0, beam_idx))
+            st.hid.index_copy_(1, pos, states.index_select(0, beam_idx))
         st.hist.copy_(st.hist.index_select(0, beam_idx))
         st.hist.index_copy_(1, pos + 1, tok[:, None])
 
@@ -189,8 +224,9 @@ class _StepAndReorder(nn.Module):
         self.step, self.reorder = step, reorder
 
     def forward(self, tok, pos, scores, finished, cross_mask=None):
-        tok, beam_idx, scores, finished = self.step(tok, pos, scores, finished, cross_mask)
-        self.reorder(beam_idx, tok, pos)
+        tok, beam_idx, scores, finished, states, new_kv = self.step(
+            tok, pos, scores, finished, cross_mask)
+        self.reorder(beam_idx, tok, pos, states, new_kv)
         return tok, beam_idx, scores, finished
 
 
@@ -231,18 +267,71 @@ class _T2UStage(nn.Module):
             q = ca.heads(ca.q_proj(layer.cross_ln(x)))
             x = x + ca.merge(attend(q, c.ck[:, :, :S], c.cv[:, :, :S], cross_allowed))
             x = x + layer.ffn(layer.ffn_ln(x))
-        hidden = dec.final_ln(x)  # (1, Lb, d)
+        return self.units(dec.final_ln(x), n_text)
+
+    def units(self, hidden: torch.Tensor, n_text: torch.Tensor):
+        """hidden (1, Lb, d) decoder states, valid up to n_text -> (units, n_units)."""
+        Lb = hidden.shape[1]
+        key_pos = torch.arange(Lb, device=hidden.device)
         text_mask = key_pos[None, :] < n_text[:, None]  # (1, Lb)
         states, dur = self.t2u.encode(hidden, text_mask)
         # static length regulator: output position t takes state #(cum <= t)
         cum = dur.cumsum(-1)  # (1, Lb)
         U = Lb * self.max_duration
-        t = torch.arange(U, device=seq.device)
+        t = torch.arange(U, device=hidden.device)
         src = (cum[:, None, :] <= t[None, :, None]).sum(-1).clamp(max=Lb - 1)  # (1, U)
         up = states.gather(1, src[..., None].expand(-1, -1, states.shape[-1]))  # (1, U, d)
         n_units = cum[:, -1]
         unit_mask = t[None, :] < n_units[:, None]
         return self.t2u.decode(up, unit_mask), n_units
+
+
+class _T2UFromStates(_T2UStage):
+    """The text-to-unit stage fed with the decoder states kept during beam search.
+
+    The search already ran the decoder over every position of the chosen hypothesis but
+    its last: :class:`_DecoderStep` keeps each beam's final-layer-norm states in
+    ``state.hid``, reordered with the beams. Only the last position (the last token
+    as input) is computed here, one row through the step's decoder over the chosen
+    beam's cached self K/V, instead of re-running the decoder over the whole text
+    (``text_bucket`` rows). Same function, another summation order."""
+
+    def __init__(self, model: Seamless, state: _State) -> None:
+        super().__init__(model, state)
+        self.decoder = model.decoder  # the step's copy (one row here)
+
+    def forward(self, seq: torch.Tensor, n_text: torch.Tensor, row: torch.Tensor,
+                cross_mask: torch.Tensor | None = None):
+        """seq (1, Lb) BOS + tokens zero-padded, n_text (1,) valid length, row (1,) the
+        beam of ``state`` the tokens came from -> (units, n_units) as :class:`_T2UStage`."""
+        dec, st = self.decoder, self.state
+        Lb = seq.shape[1]
+        last = n_text - 1  # (1,) position of the last token
+        x = dec.embed(seq.gather(1, last[:, None])) * dec.scale  # (1, 1, d)
+        x = x + dec.pos.index_select(0, last).to(dec.embed.weight.dtype)
+        key_pos = torch.arange(Lb, device=seq.device)
+        valid = key_pos <= last  # (Lb,)
+        if cross_mask is None:
+            cross_mask = st.cross_mask
+        S = cross_mask.shape[1]
+        cross_allowed = cross_mask[:, None, None, :]
+        for layer, c in zip(dec.layers, st.layers):
+            a = layer.self_attn
+            h = layer.self_ln(x)
+            q, (k, v) = a.heads(a.q_proj(h)), a.project_kv(h)  # (1, nh, 1, hd)
+            # the chosen beam's cache (a copy: the state is not written) + this position
+            keys = c.k.index_select(0, row).index_copy(2, last, k)
+            values = c.v.index_select(0, row).index_copy(2, last, v)
+            x = x + a.merge(attend(q, keys, values, valid))
+            ca = layer.cross_attn
+            q = ca.heads(ca.q_proj(layer.cross_ln(x)))
+            x = x + ca.merge(attend(q, c.ck[:, :, :S], c.cv[:, :, :S], cross_allowed))
+            x = x + layer.ffn(layer.ffn_ln(x))
+        hidden = st.hid.index_select(0, row).index_copy(1, last, dec.final_ln(x))  # (1, Lb, d)
+        # positions past the text hold other beams' or utterances' states: zero them
+        # (the T2U stage masks them; zeros keep them finite)
+        hidden = torch.where((key_pos <= last)[None, :, None], hidden, 0.0)
+        return self.units(hidden, n_text)
 
 
 class _VocoderStage(nn.Module):
@@ -283,7 +372,9 @@ def _default_unit_buckets(max_units: int) -> tuple[int, ...]:
 
 
 class OptimizedSeamless:
-    _cross_in_graph_default = True  # benchmarks/diagnostics flip it for an A/B
+    # benchmarks/diagnostics flip these for an A/B
+    _cross_in_graph_default = True
+    _reuse_states_default = True
 
     """Optimized pipeline over a :class:`~torch_mmgen_opt.models.seamless.Seamless`.
 
@@ -365,6 +456,7 @@ class OptimizedSeamless:
         self._finished0 = torch.zeros(K, dtype=torch.bool, device=self.device)
         self._cross_view: tuple[torch.Tensor, ...] = ()  # set per utterance by run_encoder
         self._cross_len = 0
+        self.steps_run = 0
 
         self.compiled = compile
         wrap = self._compile if compile else (lambda m, cuda_graphs, **_: m)
@@ -373,10 +465,18 @@ class OptimizedSeamless:
         # dim (dynamic=True also made the packed weights' sizes symbolic and compiled twice)
         self.encode = wrap(_EncoderStage(parts), cuda_graphs=True,
                            dynamic=None if not self.pad_to_buckets else False, quantize=quantize_all)
-        step, reorder = _DecoderStep(parts, self.state), _BeamReorder(self.state)
         # without CUDA graphs the reorder joins the step's graph (one call a step, and no
         # copies of the outputs, which a CUDA-graph replay would overwrite)
         self.fused_reorder = not (compile and on_cuda and self.config.cuda_graphs is not False)
+        # the decode steps keep their decoder states for the text-to-unit stage, which
+        # then computes only the last position instead of re-running the decoder over
+        # the text (not with the int8 step of a float model: T2U reads float states)
+        self.reuse_decoder_states = (self.fused_reorder and not self.decode_only_quantized
+                                     and self._reuse_states_default)
+        keep = self.reuse_decoder_states
+        fused = self.fused_reorder
+        step = _DecoderStep(parts, self.state, defer_writes=fused)
+        reorder = _BeamReorder(self.state, keep_states=keep)
         # CPU, exact lengths, up to CROSS_IN_GRAPH_MAX_KEYS cross keys: a second step
         # graph (compiled on first use) whose cross-attention is one-row matmuls that
         # Inductor fuses into the step's kernels, instead of six flash-kernel calls a
@@ -392,14 +492,21 @@ class OptimizedSeamless:
             self.step, self.reorder = wrap(_StepAndReorder(step, reorder), cuda_graphs=False), None
             if self.cross_attention_in_graph:
                 short = _StepAndReorderShortCross(
-                    _DecoderStep(parts, self.state, fold_beams=False), reorder)
+                    _DecoderStep(parts, self.state, fold_beams=False, defer_writes=True), reorder)
                 self.step_short_cross = wrap(
                     short, cuda_graphs=False,
                     attention=dataclasses.replace(self.config.attention, backend="inductor"))
         else:
             self.step = wrap(step, cuda_graphs=True)
             self.reorder = wrap(reorder, cuda_graphs=False)
+        # the re-run form also serves tokens that are not the last search's result
+        # (compiled on first use)
         self.text_to_unit = wrap(_T2UStage(parts, self.state), cuda_graphs=True, quantize=quantize_all)
+        self.text_to_unit_from_states = None
+        if keep:
+            self.text_to_unit_from_states = wrap(_T2UFromStates(parts, self.state),
+                                                 cuda_graphs=True, quantize=quantize_all)
+        self._searched: tuple[torch.Tensor, torch.Tensor] | None = None  # (tokens, row)
         vocode = _VocoderStage(self.vocoder)
         self.vocode = wrap(vocode, cuda_graphs=True) if self.compiled_vocoder else vocode
 
@@ -508,6 +615,7 @@ class OptimizedSeamless:
                 )
             fbank = fbank.view(fbank.shape)  # mark a view, not the caller's tensor
             torch._dynamo.maybe_mark_dynamic(fbank, 1)  # one graph for every length
+        self._searched = None  # the kept decoder states belong to the last utterance
         mask, kv = self.encode(fbank, lengths)
         S = self._cross_len = mask.shape[1]
         st = self.state
@@ -564,7 +672,11 @@ class OptimizedSeamless:
             steps = t + 1
             if steps % self.sync_every == 0 and bool(finished.all()):
                 break
-        return best_hypothesis(st.hist[:, : steps + 1], scores, cfg.eos_id, cfg.length_penalty)
+        self.steps_run = steps  # positions 0..steps-1 of the cache hold this search
+        tokens, row = best_hypothesis(st.hist[:, : steps + 1], scores, cfg.eos_id,
+                                      cfg.length_penalty, return_row=True)
+        self._searched = (tokens, torch.tensor([row], device=self.device))
+        return tokens
 
     @torch.no_grad()
     def run_t2u(self, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -573,7 +685,14 @@ class OptimizedSeamless:
         seq = torch.zeros(1, self.text_bucket, dtype=torch.long, device=self.device)
         seq[0, 0] = self.model.config.bos_id
         seq[:, 1:L] = tokens
-        units, n_units = self.text_to_unit(seq, torch.tensor([L], device=self.device), *self._cross_view)
+        n_text = torch.tensor([L], device=self.device)
+        searched = self._searched
+        if (self.text_to_unit_from_states is not None and searched is not None
+                and searched[0].shape == tokens.shape and torch.equal(searched[0], tokens)):
+            # the last search's own result: its decoder states are in the state
+            units, n_units = self.text_to_unit_from_states(seq, n_text, searched[1], *self._cross_view)
+        else:
+            units, n_units = self.text_to_unit(seq, n_text, *self._cross_view)
         return units, int(n_units)
 
     @torch.no_grad()
