@@ -103,7 +103,10 @@ class TestCharacterize(TestCase):
         phase = report.phases["forward"]
         self.assertEqual(phase.calls, 1)
         self.assertGreater(phase.classes["linear"], 0.9 * _op_time(phase))
-        self.assertGreater(phase.classes["linear"], 0.5 * phase.wall_s)
+        # no share of the wall clock is asserted: on a loaded machine host stalls land in
+        # "idle" and can outweigh four small GEMMs; the classes still add up to the wall
+        self.assertEqual(phase.classes["conv"], 0)
+        self.assertLess(abs(phase.accounted_s - phase.wall_s), 0.05 * phase.wall_s)
 
     def test_conv_stack(self):
         model = nn.Sequential(*[nn.Conv1d(32, 32, 5, padding=2) for _ in range(3)])
