@@ -1,9 +1,12 @@
-"""Tests of kernels/cpu_gemv.py: the int8 x float32 few-row kernel built at run time.
+"""Tests of kernels/cpu_gemv.py: the few-row kernels built at run time.
 
-Numerics against torch's ``aten._weight_int8pack_mm`` (the same int8 math, another
+int8: numerics against torch's ``aten._weight_int8pack_mm`` (the same int8 math, another
 summation order: float32 rounding only), every row count it takes, widths that leave a
-tail after the 16-wide loop, input checks, and the build's failure path (a compiler that
-fails must give ``False`` and a warning, never an exception).
+tail after the 16-wide loop, input checks. float32 panels: numerics against
+``F.linear`` for row counts across the kernel's row groups (8 on AVX-512, 4 on AVX2),
+output counts that leave a partial last panel, with and without bias; the packing
+layout itself; input checks. The build's failure path (a compiler that fails must give
+``False`` and a warning, never an exception).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 
 from torch_mmgen_opt.kernels import cpu_gemv
 from torch_mmgen_opt.testing import TestCase, run_tests
@@ -29,7 +33,7 @@ def _case(m: int, n: int, k: int, seed: int = 0):
     return x, q, scales
 
 
-@unittest.skipUnless(AVAILABLE, "the int8 CPU kernel could not be built here")
+@unittest.skipUnless(AVAILABLE, "the CPU kernels could not be built here")
 class TestInt8Gemv(TestCase):
     def test_matches_torch_int8_kernel(self):
         for m in range(1, cpu_gemv.MAX_ROWS + 1):
@@ -65,10 +69,63 @@ class TestInt8Gemv(TestCase):
             self.assertEqual(torch.ops.mmgen_cpu.int8_gemv(x, q, s).shape, (3, 10))
 
 
+@unittest.skipUnless(AVAILABLE, "the CPU kernels could not be built here")
+class TestF32Gemv(TestCase):
+    def test_matches_linear(self):
+        g = torch.Generator().manual_seed(0)
+        for m in (1, 2, 3, 4, 5, 8, 9, 13):
+            for n, k in ((1, 1), (16, 64), (37, 100), (512, 512), (2050, 33)):
+                for bias in (False, True):
+                    with self.subTest(m=m, n=n, k=k, bias=bias):
+                        x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+                        b = torch.randn(n, generator=g) if bias else None
+                        out = cpu_gemv.f32_gemv(x, cpu_gemv.pack_panels(w), b, n)
+                        ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+                        self.assertEqual(out.shape, (m, n))
+                        # float32 rounding of a K-term sum, not a wrong element
+                        torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5 * k ** 0.5 * 4)
+
+    def test_pack_layout(self):
+        w = torch.arange(20 * 3, dtype=torch.float32).view(20, 3)
+        p = cpu_gemv.pack_panels(w)
+        self.assertEqual(p.shape, (2, 3, 16))
+        self.assertEqual(p[0, 2, 5].item(), w[5, 2].item())
+        self.assertEqual(p[1, 1, 3].item(), w[19, 1].item())
+        self.assertTrue(bool((p[1, :, 4:] == 0).all()))  # padding past N
+        with self.assertRaises(TypeError):
+            cpu_gemv.pack_panels(w.double())
+        with self.assertRaises(ValueError):
+            cpu_gemv.pack_panels(w[0])
+
+    def test_non_contiguous_input(self):
+        x, w = torch.randn(8, 4), torch.randn(32, 8)
+        out = cpu_gemv.f32_gemv(x.t(), cpu_gemv.pack_panels(w), None, 32)
+        torch.testing.assert_close(out, x.t() @ w.t(), rtol=1e-5, atol=1e-5)
+
+    def test_bad_inputs_raise(self):
+        x, w = torch.randn(2, 16), torch.randn(20, 16)
+        p = cpu_gemv.pack_panels(w)
+        with self.assertRaisesRegex(RuntimeError, "float32"):
+            torch.ops.mmgen_cpu.f32_gemv(x.double(), p, None, 20)
+        with self.assertRaisesRegex(RuntimeError, "features"):
+            torch.ops.mmgen_cpu.f32_gemv(x[:, :8], p, None, 20)
+        with self.assertRaisesRegex(RuntimeError, "do not fit"):
+            torch.ops.mmgen_cpu.f32_gemv(x, p, None, 33)
+        with self.assertRaisesRegex(RuntimeError, "bias"):
+            torch.ops.mmgen_cpu.f32_gemv(x, p, torch.randn(19), 20)
+
+    def test_fake_tensor_shape(self):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode():
+            x, p = torch.empty(3, 64), torch.empty(2, 64, 16)
+            self.assertEqual(torch.ops.mmgen_cpu.f32_gemv(x, p, None, 30).shape, (3, 30))
+
+
 class TestBuild(TestCase):
     def test_library_path_is_keyed(self):
         path = cpu_gemv.library_path()
-        self.assertTrue(path.name.startswith("mmgen_cpu_int8_gemv_"))
+        self.assertTrue(path.name.startswith("mmgen_cpu_gemv_"))
         with mock.patch.dict(os.environ, {"TORCH_MMGEN_OPT_CACHE": "/tmp/elsewhere"}):
             self.assertEqual(cpu_gemv.library_path().parent, Path("/tmp/elsewhere"))
             self.assertEqual(cpu_gemv.library_path().name, path.name)
@@ -82,7 +139,7 @@ class TestBuild(TestCase):
             os.environ.pop("TORCH_MMGEN_OPT_NO_CPP_KERNELS", None)  # the build is attempted
             self.assertFalse(cpu_gemv.ensure_loaded())
             self.assertFalse(cpu_gemv.ensure_loaded())  # remembered: one warning
-            self.assertEqual(cpu_gemv.cache_token(), "int8_gemv:0")
+            self.assertEqual(cpu_gemv.cache_token(), "cpu_gemv:0")
         self.assertEqual(len(logs.records), 1)
         self.assertIn("no compiler", logs.output[0])
 

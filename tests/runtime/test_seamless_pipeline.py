@@ -9,6 +9,7 @@ because the test case resets Dynamo between methods.
 from __future__ import annotations
 
 import unittest
+import unittest.mock
 
 import torch
 from torch._dynamo.utils import counters
@@ -382,11 +383,54 @@ class TestCompiledPipeline(TestCase):
         opt = self._run_compiled("cpu", pad_to_buckets=True, pack_linear=False)
         self.assertTrue(opt.pad_to_buckets)
 
-    def test_decode_gemv_rewrites_the_step(self):
-        """With FFN and vocabulary large enough for decode_gemv, the step's FFN and head
-        matmuls (3 beams) are rewritten, and tokens stay identical to eager."""
+    def test_gemv_kernel_runs_the_step(self):
+        """With FFN and vocabulary large enough (>= 64K weight elements), the step's FFN
+        and head linears go through our panel kernel (GemvLinear): every compiled step
+        calls mmgen_cpu::f32_gemv for them, decode_gemv has no matmul left to rewrite
+        there, the smaller projections are left with their reason, and tokens stay
+        identical to eager."""
+        from torch_mmgen_opt.kernels import cpu_gemv
+        from torch_mmgen_opt.kernels.gemv_linear import GemvLinear
+
+        if not cpu_gemv.ensure_loaded():
+            self.skipTest("the CPU kernels could not be built here")
         model = build("seamless", "tiny", vocab_size=1024, dec_ffn=1024, eos_id=184)
         opt = mmgen.optimize(model, prefill_buckets=(64, 128))
+        layers = model.config.dec_layers
+        swapped = sorted(k for k, v in opt.gemv_linears.items() if v == "gemv")
+        self.assertEqual(len(swapped), 2 * layers + 1)
+        self.assertIn("decoder.lm_head", swapped)
+        self.assertTrue(all(".ffn." in k for k in swapped if k != "decoder.lm_head"))
+        left = {k: v for k, v in opt.gemv_linears.items() if v != "gemv"}
+        self.assertTrue(left and all("small weights" in v for v in left.values()))
+        self.assertFalse(any(isinstance(m, GemvLinear) for m in model.modules()))  # not edited
+        for T in (40, 100):
+            with self.subTest(T=T):
+                tokens, wav = model(_fbank(T))
+                tokens_o, wav_o = opt(_fbank(T))
+                self.assertEqual(tokens_o, tokens, atol=0, rtol=0)
+                torch.testing.assert_close(wav_o, wav, rtol=1e-4, atol=1e-4)
+        self.assertEqual(counters["mmgen"]["linear_gemv"], 2 * layers + 1)
+        # no few-row matmul left in the step for decode_gemv (T2U's one row: fc1, fc2
+        # of its own float copy are not the step's)
+        rewritten = [e.detail for e in opt.report.events if e.kind == "gemv_rewritten"]
+        self.assertNotIn("3 rows x 1024 outputs", rewritten)
+        opt.run_encoder(_fbank(40))
+        with torch.profiler.profile() as prof:
+            opt.run_decoder()
+        calls = sum(e.count for e in prof.key_averages() if e.key == "mmgen_cpu::f32_gemv")
+        self.assertEqual(calls, opt.steps_run * (2 * layers + 1))
+
+    def test_decode_gemv_rewrites_the_step(self):
+        """Where our kernel cannot be built, the step's layers stay nn.Linear and
+        decode_gemv rewrites the FFN and head matmuls (3 beams); tokens stay identical."""
+        from torch_mmgen_opt.kernels import cpu_gemv
+
+        model = build("seamless", "tiny", vocab_size=1024, dec_ffn=1024, eos_id=184)
+        with unittest.mock.patch.object(cpu_gemv, "ensure_loaded", return_value=False):
+            opt = mmgen.optimize(model, prefill_buckets=(64, 128))
+        self.assertTrue(opt.gemv_linears)
+        self.assertTrue(all("could not be built" in v for v in opt.gemv_linears.values()))
         for T in (40, 100):
             with self.subTest(T=T):
                 tokens, wav = model(_fbank(T))

@@ -1,29 +1,43 @@
-"""Our one C++ kernel: few-row float32 x int8 weight-only products on CPU.
+"""Our C++ kernels: few-row matrix products of a decode step on CPU.
 
-``torch.ops.mmgen_cpu.int8_gemv(x, q, scales)`` computes ``(x @ q.T) * scales`` for
-``x`` ``(M, K)`` float32 with ``1 <= M <= 8``, ``q`` ``(N, K)`` int8 and ``scales``
-``(N,)`` float32: the weight-only int8 linear of a decode step
-(``kernels/quant.py``'s ``"int8"`` scheme). ``passes/decode_gemv.py`` puts it in place
-of ``aten._weight_int8pack_mm`` in compiled CPU decode graphs.
+- ``torch.ops.mmgen_cpu.int8_gemv(x, q, scales)`` computes ``(x @ q.T) * scales`` for
+  ``x`` ``(M, K)`` float32 with ``1 <= M <= 8``, ``q`` ``(N, K)`` int8 and ``scales``
+  ``(N,)`` float32: the weight-only int8 linear of a decode step
+  (``kernels/quant.py``'s ``"int8"`` scheme). ``passes/decode_gemv.py`` puts it in place
+  of ``aten._weight_int8pack_mm`` in compiled CPU decode graphs.
+- ``torch.ops.mmgen_cpu.f32_gemv(x, panels, bias, n)`` computes ``x @ W.T + bias`` in
+  float32 for a weight packed once into panels of 16 output features
+  (:func:`pack_panels`); ``kernels/gemv_linear.py``'s ``GemvLinear`` calls it for a decode
+  step's few rows.
 
-Why a hand-written kernel: a decode step is bound by reading its weights, and int8
-weights are a quarter of float32's bytes, but on the development machine (AMD EPYC,
-AVX2, torch 2.13) neither shipped path reads them fast with float32 activations:
+Why hand-written kernels: a decode step is bound by reading its weights.
+
+int8: weights are a quarter of float32's bytes, but on the development machine (AMD
+EPYC, AVX2, torch 2.13) neither shipped path reads them fast with float32 activations:
 ``_weight_int8pack_mm`` took 41-59 ms where the float32 matrix-vector code took 2.4 ms
 (12 weights of 2048 x 512, 4 rows), and Inductor's CPU code for an int8 multiply-reduce
 loads 8-bit data through a temporary buffer (``Vectorized<int8_t>::loadu(ptr, 8)``),
 2.9x slower than float32. This kernel widens 16 weights at a time with AVX2 and
-multiplies them into the ``M`` rows of ``x`` (``csrc/int8_gemv.cpp``).
+multiplies them into the ``M`` rows of ``x``.
+
+float32: MKL's few-row path and Inductor's multiply-reduce loop (``decode_gemv``) both
+walk the weight row by row and end every output feature with a horizontal sum of each
+row's accumulator. With the weight stored as panels of 16 features (feature fastest),
+one vector load of a panel serves every row with ``x[m, k]`` broadcast, there are no
+horizontal sums, and the weight is one sequential stream (``docs/passes/decode_gemv.md``
+has the measurements).
+
+Both are in ``csrc/cpu_gemv.cpp``.
 
 Build: the source ships with the package and is compiled on first use with the C++
-compiler Inductor uses (``$CXX`` or ``c++``; ``-O3``, AVX2/FMA where
+compiler Inductor uses (``$CXX`` or ``c++``; ``-O3``, AVX2/FMA and AVX-512F where
 ``torch.backends.cpu.get_cpu_capability()`` reports them, OpenMP like ATen), linked
 against the installed torch, into a per-user cache keyed by the source, torch version
-and flags (``$TORCH_MMGEN_OPT_CACHE``, default ``~/.cache/torch_mmgen_opt``); ~12 s
+and flags (``$TORCH_MMGEN_OPT_CACHE``, default ``~/.cache/torch_mmgen_opt``); ~15 s
 once, then loaded in milliseconds. A library built earlier is loaded when this module is
-imported, so Inductor's cached graphs that call the op find it. If the build fails (no
+imported, so Inductor's cached graphs that call the ops find them. If the build fails (no
 compiler, unsupported platform) a warning is logged once and :func:`ensure_loaded`
-returns ``False``: the pass then leaves ``_weight_int8pack_mm`` in place.
+returns ``False``: callers then keep torch's ops (``_weight_int8pack_mm``, ``F.linear``).
 ``TORCH_MMGEN_OPT_NO_CPP_KERNELS=1`` disables the build.
 """
 
@@ -42,10 +56,12 @@ import torch
 
 log = logging.getLogger("torch_mmgen_opt")
 
-__all__ = ["MAX_ROWS", "cache_token", "ensure_loaded", "int8_gemv", "is_loaded", "library_path"]
+__all__ = ["MAX_ROWS", "PANEL", "cache_token", "ensure_loaded", "f32_gemv", "int8_gemv", "is_loaded",
+           "library_path", "pack_panels"]
 
 MAX_ROWS = 8
-_SOURCE = Path(__file__).with_name("csrc") / "int8_gemv.cpp"
+PANEL = 16  # output features per panel of f32_gemv's packed weight
+_SOURCE = Path(__file__).with_name("csrc") / "cpu_gemv.cpp"
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": False, "failed": None}
 
@@ -59,7 +75,9 @@ def _isa_flags() -> list[str]:
         capability = torch.backends.cpu.get_cpu_capability()
     except Exception:  # noqa: BLE001 - an old or unusual build: compile portable code
         return []
-    return ["-mavx2", "-mfma"] if capability in ("AVX2", "AVX512") else []
+    if capability == "AVX512":
+        return ["-mavx2", "-mfma", "-mavx512f"]
+    return ["-mavx2", "-mfma"] if capability == "AVX2" else []
 
 
 def _flags() -> list[str]:
@@ -82,7 +100,7 @@ def library_path() -> Path:
     key.update(_SOURCE.read_bytes())
     key.update(torch.__version__.encode())
     key.update(" ".join(_flags()).encode())
-    return _cache_dir() / f"mmgen_cpu_int8_gemv_{key.hexdigest()[:16]}.so"
+    return _cache_dir() / f"mmgen_cpu_gemv_{key.hexdigest()[:16]}.so"
 
 
 def _build(target: Path) -> None:
@@ -116,6 +134,11 @@ def _load(path: Path) -> None:
         torch._check(x.dim() == 2 and q.dim() == 2 and x.shape[1] == q.shape[1])
         return x.new_empty((x.shape[0], q.shape[0]))
 
+    @torch.library.register_fake("mmgen_cpu::f32_gemv")
+    def _(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+        torch._check(x.dim() == 2 and panels.dim() == 3 and x.shape[1] == panels.shape[1])
+        return x.new_empty((x.shape[0], n))
+
     _state["loaded"] = True
 
 
@@ -139,13 +162,14 @@ def ensure_loaded() -> bool:
         try:
             path = library_path()
             if not path.exists():
-                log.info("building the int8 CPU matrix-vector kernel (once) into %s", path)
+                log.info("building the CPU matrix-vector kernels (once) into %s", path)
                 _build(path)
             _load(path)
         except Exception as e:  # noqa: BLE001 - no kernel: the caller keeps torch's op
             _state["failed"] = f"{type(e).__name__}: {e}"
-            log.warning("torch_mmgen_opt: the int8 CPU kernel is unavailable (%s); "
-                        "int8 decode steps keep aten._weight_int8pack_mm", _state["failed"])
+            log.warning("torch_mmgen_opt: the CPU matrix-vector kernels are unavailable (%s); "
+                        "decode steps keep torch's ops (aten._weight_int8pack_mm, F.linear)",
+                        _state["failed"])
             return False
     return True
 
@@ -153,7 +177,7 @@ def ensure_loaded() -> bool:
 def cache_token() -> str:
     """Part of the pass manager's uuid: graphs compiled with and without the kernel
     must not share Inductor cache entries."""
-    return f"int8_gemv:{int(is_loaded())}"
+    return f"cpu_gemv:{int(is_loaded())}"
 
 
 def int8_gemv(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -161,6 +185,28 @@ def int8_gemv(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.T
     if not ensure_loaded():
         raise RuntimeError(f"the int8 CPU kernel is unavailable: {_state['failed']}")
     return torch.ops.mmgen_cpu.int8_gemv(x, q, scales)
+
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """``W (N, K)`` -> ``(ceil(N / 16), K, 16)`` float32 panels, ``panels[p, k, j] =
+    W[16 p + j, k]``, zero past ``N``: :func:`f32_gemv`'s layout (a copy; the weight
+    is not changed)."""
+    if weight.dim() != 2:
+        raise ValueError(f"pack_panels: expected a (N, K) weight, got shape {tuple(weight.shape)}")
+    if weight.dtype != torch.float32:
+        raise TypeError(f"pack_panels: float32 weights only, got {weight.dtype}")
+    n, k = weight.shape
+    p = -(-n // PANEL)
+    padded = weight.detach().new_zeros(p * PANEL, k)
+    padded[:n].copy_(weight.detach())
+    return padded.view(p, PANEL, k).transpose(1, 2).contiguous()
+
+
+def f32_gemv(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """``x (M, K) @ W.T + bias`` for ``panels = pack_panels(W)`` with ``n`` rows of ``W``."""
+    if not ensure_loaded():
+        raise RuntimeError(f"the CPU matrix-vector kernels are unavailable: {_state['failed']}")
+    return torch.ops.mmgen_cpu.f32_gemv(x, panels, bias, n)
 
 
 def _load_if_built() -> None:
@@ -174,7 +220,7 @@ def _load_if_built() -> None:
                 if not _state["loaded"]:
                     _load(path)
     except Exception as e:  # noqa: BLE001 - a stale or broken file: rebuilt on demand
-        log.debug("could not load %s: %s", "the int8 CPU kernel", e)
+        log.debug("could not load %s: %s", "the CPU matrix-vector kernels", e)
 
 
 _load_if_built()

@@ -375,6 +375,7 @@ class OptimizedSeamless:
     # benchmarks/diagnostics flip these for an A/B
     _cross_in_graph_default = True
     _reuse_states_default = True
+    _gemv_kernel_default = True
 
     """Optimized pipeline over a :class:`~torch_mmgen_opt.models.seamless.Seamless`.
 
@@ -543,7 +544,10 @@ class OptimizedSeamless:
         self.packed_linears: dict[str, str] = {}
         self.decode_only_quantized = False
         self.quantized_linears: dict[str, str] = {}
+        self.gemv_linears = {}
         if not mode and self.config.quantize is None:
+            if gemv_step:
+                self._gemv_step_linears(parts, model)
             return parts
         # rows per call at each stage's hot shape: encoder frames, one per beam, text bucket
         s_min = int(model.encoder.out_lengths(torch.tensor(self.frame_buckets[0])))
@@ -579,7 +583,23 @@ class OptimizedSeamless:
             setattr(parts, name, part)
         if decode_only:  # the cross K/V projections run over S rows: a float copy's
             parts.cross_kv_decoder = parts.t2u_decoder
+        if gemv_step:
+            self._gemv_step_linears(parts, model)
         return parts
+
+    def _gemv_step_linears(self, parts: SimpleNamespace, model: Seamless) -> None:
+        """The decoder step's few-row float32 products through our panel kernel
+        (``kernels/gemv_linear.py``), in a copy of its own: the stages that run more
+        rows (T2U, the cross K/V projections) keep theirs. Where the kernel cannot be
+        built, the layers stay and ``decode_gemv`` rewrites their matmuls."""
+        if not self._gemv_kernel_default:
+            return
+        from ..kernels.gemv_linear import gemv_linears_
+
+        if parts.decoder is model.decoder or parts.decoder is parts.t2u_decoder:
+            parts.decoder = _share_copy(parts.decoder)
+        found = gemv_linears_(parts.decoder, report=self.report, prefix="decoder")
+        self.gemv_linears = {f"decoder.{k}": v for k, v in found.items()}
 
     def _compile(self, module: nn.Module, cuda_graphs: bool,
                  dynamic: bool | None = False, quantize: bool = True,
