@@ -13,6 +13,9 @@ measured in the same run, interleaved repeat by repeat:
   packed once (``kernels/packed_linear.py``);
 - ``compiled, decode_gemv``: the default: the pass rewrites each matmul into per-row
   multiply-reduce that Inductor fuses into one loop per weight;
+- ``compiled, gemv kernel``: every eligible linear swapped for ``GemvLinear``
+  (``kernels/gemv_linear.py``: our float32 kernel on weights packed once into panels
+  of 16 output features), then ``optimize``;
 - ``compiled, int8 kernel``: ``quantize=int8`` on every linear (head included): the pass
   puts our int8 CPU kernel in place of ``_weight_int8pack_mm`` (lossy: its
   ``max |diff|`` is the quantization error, not rounding).
@@ -70,11 +73,12 @@ class Stack(nn.Module):
 def _weight_bytes(model: nn.Module) -> int:
     """Bytes of the weights a step reads: float ``nn.Linear`` weights, or a quantized
     layer's int8 weight and scales."""
+    from torch_mmgen_opt.kernels.gemv_linear import GemvLinear
     from torch_mmgen_opt.kernels.packed_linear import PackedLinear
 
     total = 0
     for m in model.modules():
-        if isinstance(m, (nn.Linear, PackedLinear)):  # packed: the same float32 bytes
+        if isinstance(m, (nn.Linear, PackedLinear, GemvLinear)):  # packed: the same float32 bytes
             total += m.weight.nbytes
         elif hasattr(m, "qweight"):
             total += m.qweight.nbytes + m.scales.nbytes
@@ -104,6 +108,7 @@ def main(
         "compiled, MKL": dict(decode_gemv=False),
         "compiled, packed": dict(decode_gemv=False, pack_linear=True),
         "compiled, decode_gemv": dict(),
+        "compiled, gemv kernel": dict(_gemv_kernel=True),
         "compiled, int8 kernel": dict(quantize=QuantizeConfig(scheme="int8", include_output=True)),
     }
     state = Stack(dim, ffn, layers, vocab).state_dict()
@@ -118,6 +123,11 @@ def main(
         for name, options in variants.items():
             model = Stack(dim, ffn, layers, vocab).eval()
             model.load_state_dict(state)  # the same values, in this variant's own tensors
+            if options is not None and options.get("_gemv_kernel"):
+                from torch_mmgen_opt.kernels.gemv_linear import gemv_linears_
+
+                gemv_linears_(model)
+                options = {}
             fn = model if options is None else mmgen.optimize(model, **options)
             compile_s[name], outs[name] = timed_first_call(lambda f=fn, x=x: f(x))
             fns[name] = fn
@@ -157,7 +167,7 @@ def main(
             f"{repeats} steps, variants interleaved."
         )
         path = write_results("bench_decode_gemv" + ("-smoke" if smoke else ""),
-                             "Decode-step matmuls: library calls vs decode_gemv",
+                             "Decode-step matmuls: library calls vs decode_gemv vs our kernels",
                              [("Per step", table)], notes=notes)
         print(f"wrote {path}")
     return table

@@ -94,6 +94,7 @@ def main(
                                  for v in opt.quantized_linears.values()),
         "linears packed": sum(v == "packed" for v in opt.packed_linears.values()),
         "linears left": sum(v != "packed" for v in opt.packed_linears.values()),
+        "linears on the gemv kernel": sum(v == "gemv" for v in opt.gemv_linears.values()),
         "padded to buckets": opt.pad_to_buckets,
         "vocoder compiled": opt.compiled_vocoder,
         "threads": torch.get_num_threads(),

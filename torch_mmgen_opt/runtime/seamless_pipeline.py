@@ -41,8 +41,10 @@ where nothing is captured: the encoder sees the exact frames (one graph, frame d
 dynamic), the decoder step and the T2U stage attend over the utterance's ``S`` cross
 keys (``S`` dynamic; up to ``CROSS_IN_GRAPH_MAX_KEYS`` keys the step runs a second graph
 whose cross-attention Inductor fuses into its kernels), the vocoder runs uncompiled
-with channels-last convolutions on the exact units, and the float32 linears of the
-encoder, decoder and T2U copies go through packed oneDNN (``pack_linear``); see
+with channels-last convolutions on the exact units, the float32 linears of the
+encoder and T2U copies go through packed oneDNN (``pack_linear``), and those of the
+decoder step's own copy through our panel kernel (``kernels/gemv_linear.py``; where it
+cannot be built, ``decode_gemv`` rewrites the step's matmuls); see
 :class:`OptimizedSeamless`.
 :meth:`OptimizedSeamless.stage_times` and :func:`eager_stage_times` give the per-stage
 breakdown (encoder, decoder, t2u, vocoder).
