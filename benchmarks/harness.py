@@ -11,7 +11,8 @@ Rows, each adding one lever to the ones above it that worked (see docs/benchmark
     compile    torch.compile(model) with Inductor's defaults, same decode loop
     mmgen      torch_mmgen_opt.optimize(model): our graph passes (attention fusion ...)
     static_kv  + optimize(static_kv=True): static KV cache, one decode graph, generate()
-               (+ CUDA graphs on GPU)
+               (+ CUDA graphs on GPU; on CPU + gemv_kernel=True: the decode step's linears
+               through our panel kernel, kernels/gemv_linear.py)
     quantize   + optimize(quantize="auto")
     layerskip  + generate(speculative=LayerSkip(...)): self-speculative decoding
 
@@ -55,7 +56,7 @@ ROW_LABELS = {
     "eager": "eager (baseline)",
     "compile": "torch.compile (Inductor)",
     "mmgen": "+ mmgen passes (attention fusion)",
-    "static_kv": "+ static KV cache (+ CUDA graphs on GPU)",
+    "static_kv": "+ static KV cache (+ CUDA graphs on GPU, panel kernel on CPU)",
     "quantize": "+ quantization (auto)",
     "layerskip": "+ LayerSkip self-speculation",
 }
@@ -324,6 +325,8 @@ def run_workload(
         trial, trial_spec = dict(stack), spec
         if key == "static_kv":
             trial.update(static_kv=True, max_seq_len=max_seq_len)
+            if device == "cpu" and batch <= 8:  # the decode step's few rows: our panel kernel
+                trial["gemv_kernel"] = True
         elif key == "quantize":
             trial["quantize"] = "auto"
         elif key == "layerskip":

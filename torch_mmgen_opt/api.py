@@ -154,6 +154,11 @@ def _prepare_module(model: nn.Module, config: OptimizeConfig) -> None:
         from .kernels.packed_linear import pack_linears_
 
         pack_linears_(model, config.pack_linear, rows=config.max_batch_size)
+    # -- few-row CPU linears through our panel kernel (kernels/gemv_linear.py), opt-in
+    if config.gemv_kernel:
+        from .kernels.gemv_linear import gemv_linears_
+
+        gemv_linears_(model)
 
 
 def _compile(target: Any, config: OptimizeConfig) -> Any:

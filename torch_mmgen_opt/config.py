@@ -205,6 +205,12 @@ class OptimizeConfig:
         decode_gemv: rewrite float32 CPU matmuls with at most 8 static rows (decode
             steps) into per-row multiply-reduce that Inductor fuses into one loop over
             each weight (``passes/decode_gemv.py``); ``False`` leaves them to MKL.
+        gemv_kernel: swap CPU float32 / bfloat16 ``nn.Linear`` (>= 64K weight elements)
+            for ``GemvLinear`` (``kernels/gemv_linear.py``): calls of at most 8 rows (a
+            decode step) go through our panel kernel on a copy of the weight packed once
+            (the weight is held twice), more rows through ``F.linear``. ``None`` = the
+            workload's default (on for the Seamless decoder step's own copy, off for
+            other models, whose memory it would double); ``False`` never.
         compile: :class:`CompileConfig`.
     """
 
@@ -218,6 +224,7 @@ class OptimizeConfig:
     prefill_buckets: tuple[int, ...] | None = None
     pack_linear: bool | str | None = None
     decode_gemv: bool = True
+    gemv_kernel: bool | None = None
     compile: CompileConfig = field(default_factory=CompileConfig)
 
     def __post_init__(self) -> None:
@@ -271,6 +278,8 @@ class OptimizeConfig:
                 f"pack_linear must be None, True, False or 'auto', got {self.pack_linear!r}"
             )
         _check_type("decode_gemv", self.decode_gemv, bool, "True or False")
+        if self.gemv_kernel is not None:
+            _check_type("gemv_kernel", self.gemv_kernel, bool, "True, False or None")
         if isinstance(self.compile, dict):
             object.__setattr__(self, "compile", CompileConfig(**self.compile))
         elif not isinstance(self.compile, CompileConfig):

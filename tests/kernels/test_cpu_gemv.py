@@ -2,7 +2,7 @@
 
 int8: numerics against torch's ``aten._weight_int8pack_mm`` (the same int8 math, another
 summation order: float32 rounding only), every row count it takes, widths that leave a
-tail after the 16-wide loop, input checks. float32 panels: numerics against
+tail after the 16-wide loop, input checks. float32 and bfloat16 panels: numerics against
 ``F.linear`` for row counts across the kernel's row groups (8 on AVX-512, 4 on AVX2),
 output counts that leave a partial last panel, with and without bias; the packing
 layout itself; input checks. The build's failure path (a compiler that fails must give
@@ -22,6 +22,11 @@ import torch.nn.functional as F
 from torch_mmgen_opt.kernels import cpu_gemv
 from torch_mmgen_opt.testing import TestCase, run_tests
 
+# On the lent GPU image (torch 2.11+cu130) a C++ exception from an extension library,
+# torch's own load_inline included, segfaulted the process (seen 2026-12-04): the checks
+# that raise through the library run where that image is not (it is the one with CUDA).
+CXX_EXCEPTIONS_CRASH = torch.cuda.is_available()
+CXX_EXCEPTIONS_CRASH_WHY = "C++ exceptions from extension libraries crash the GPU image's process"
 AVAILABLE = cpu_gemv.ensure_loaded()
 
 
@@ -53,13 +58,29 @@ class TestInt8Gemv(TestCase):
 
     def test_bad_inputs_raise(self):
         x, q, s = _case(9, 8, 16)
-        with self.assertRaisesRegex(RuntimeError, "1 to 8 rows"):
+        with self.assertRaisesRegex(ValueError, "1 to 8 rows"):
             cpu_gemv.int8_gemv(x, q, s)
         x, q, s = _case(2, 8, 16)
-        with self.assertRaisesRegex(RuntimeError, "float32"):
+        with self.assertRaisesRegex(TypeError, "float32"):
             cpu_gemv.int8_gemv(x.bfloat16(), q, s)
-        with self.assertRaisesRegex(RuntimeError, "do not match"):
+        with self.assertRaisesRegex(TypeError, "int8 q"):
+            cpu_gemv.int8_gemv(x, q.float(), s)
+        with self.assertRaisesRegex(ValueError, "do not match"):
             cpu_gemv.int8_gemv(x, q[:, :8], s)
+        with self.assertRaisesRegex(ValueError, "do not match"):
+            cpu_gemv.int8_gemv(x, q, s[:4])
+
+    @unittest.skipIf(CXX_EXCEPTIONS_CRASH, CXX_EXCEPTIONS_CRASH_WHY)
+    def test_op_checks_raise(self):
+        # the library's own checks, for callers of torch.ops.mmgen_cpu.int8_gemv
+        x, q, s = _case(9, 8, 16)
+        with self.assertRaisesRegex(RuntimeError, "1 to 8 rows"):
+            torch.ops.mmgen_cpu.int8_gemv(x, q, s)
+        x, q, s = _case(2, 8, 16)
+        with self.assertRaisesRegex(RuntimeError, "float32"):
+            torch.ops.mmgen_cpu.int8_gemv(x.bfloat16(), q, s)
+        with self.assertRaisesRegex(RuntimeError, "do not match"):
+            torch.ops.mmgen_cpu.int8_gemv(x, q[:, :8], s)
 
     def test_fake_tensor_shape(self):
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -70,7 +91,7 @@ class TestInt8Gemv(TestCase):
 
 
 @unittest.skipUnless(AVAILABLE, "the CPU kernels could not be built here")
-class TestF32Gemv(TestCase):
+class TestPanelGemv(TestCase):
     def test_matches_linear(self):
         g = torch.Generator().manual_seed(0)
         for m in (1, 2, 3, 4, 5, 8, 9, 13):
@@ -79,11 +100,28 @@ class TestF32Gemv(TestCase):
                     with self.subTest(m=m, n=n, k=k, bias=bias):
                         x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
                         b = torch.randn(n, generator=g) if bias else None
-                        out = cpu_gemv.f32_gemv(x, cpu_gemv.pack_panels(w), b, n)
+                        out = cpu_gemv.panel_gemv(x, cpu_gemv.pack_panels(w), b, n)
                         ref = F.linear(x.double(), w.double(), None if b is None else b.double())
                         self.assertEqual(out.shape, (m, n))
                         # float32 rounding of a K-term sum, not a wrong element
                         torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5 * k ** 0.5 * 4)
+
+    def test_bfloat16_matches_linear(self):
+        g = torch.Generator().manual_seed(1)
+        for m in (1, 4, 8, 9):
+            for n, k in ((37, 100), (512, 512), (2050, 33)):
+                for bias in (False, True):
+                    with self.subTest(m=m, n=n, k=k, bias=bias):
+                        x = torch.randn(m, k, generator=g).bfloat16()
+                        w = torch.randn(n, k, generator=g).bfloat16()
+                        b = torch.randn(n, generator=g).bfloat16() if bias else None
+                        out = cpu_gemv.panel_gemv(x, cpu_gemv.pack_panels(w), b, n)
+                        self.assertEqual(out.dtype, torch.bfloat16)
+                        ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+                        # float32 accumulation, one rounding to bfloat16 (8 bits of mantissa)
+                        err = (out.double() - ref).abs()
+                        self.assertTrue(bool((err <= ref.abs() * 2 ** -8 + 1e-3).all()),
+                                        f"max error {err.max().item()}")
 
     def test_pack_layout(self):
         w = torch.arange(20 * 3, dtype=torch.float32).view(20, 3)
@@ -94,32 +132,56 @@ class TestF32Gemv(TestCase):
         self.assertTrue(bool((p[1, :, 4:] == 0).all()))  # padding past N
         with self.assertRaises(TypeError):
             cpu_gemv.pack_panels(w.double())
+        self.assertEqual(cpu_gemv.pack_panels(w.bfloat16()).dtype, torch.bfloat16)
         with self.assertRaises(ValueError):
             cpu_gemv.pack_panels(w[0])
 
     def test_non_contiguous_input(self):
         x, w = torch.randn(8, 4), torch.randn(32, 8)
-        out = cpu_gemv.f32_gemv(x.t(), cpu_gemv.pack_panels(w), None, 32)
+        out = cpu_gemv.panel_gemv(x.t(), cpu_gemv.pack_panels(w), None, 32)
         torch.testing.assert_close(out, x.t() @ w.t(), rtol=1e-5, atol=1e-5)
 
     def test_bad_inputs_raise(self):
         x, w = torch.randn(2, 16), torch.randn(20, 16)
         p = cpu_gemv.pack_panels(w)
-        with self.assertRaisesRegex(RuntimeError, "float32"):
-            torch.ops.mmgen_cpu.f32_gemv(x.double(), p, None, 20)
+        with self.assertRaisesRegex(TypeError, "float32 or bfloat16"):
+            cpu_gemv.panel_gemv(x.double(), p, None, 20)
+        with self.assertRaisesRegex(TypeError, "same dtype"):
+            cpu_gemv.panel_gemv(x.bfloat16(), p, None, 20)
+        with self.assertRaisesRegex(ValueError, r"\(M, K\)"):
+            cpu_gemv.panel_gemv(torch.randn(2, 1, 16), p, None, 20)
+        with self.assertRaisesRegex(ValueError, "features"):
+            cpu_gemv.panel_gemv(x[:, :8], p, None, 20)
+        with self.assertRaisesRegex(ValueError, "do not fit"):
+            cpu_gemv.panel_gemv(x, p, None, 33)
+        with self.assertRaisesRegex(ValueError, "do not fit"):
+            cpu_gemv.panel_gemv(x, p, None, 16)
+        with self.assertRaisesRegex(ValueError, "bias"):
+            cpu_gemv.panel_gemv(x, p, torch.randn(19), 20)
+        with self.assertRaisesRegex(ValueError, "bias"):
+            cpu_gemv.panel_gemv(x, p, torch.randn(20).bfloat16(), 20)
+
+    @unittest.skipIf(CXX_EXCEPTIONS_CRASH, CXX_EXCEPTIONS_CRASH_WHY)
+    def test_op_checks_raise(self):
+        x, w = torch.randn(2, 16), torch.randn(20, 16)
+        p = cpu_gemv.pack_panels(w)
+        with self.assertRaisesRegex(RuntimeError, "float32 or bfloat16"):
+            torch.ops.mmgen_cpu.panel_gemv(x.double(), p, None, 20)
+        with self.assertRaisesRegex(RuntimeError, "same dtype"):
+            torch.ops.mmgen_cpu.panel_gemv(x.bfloat16(), p, None, 20)
         with self.assertRaisesRegex(RuntimeError, "features"):
-            torch.ops.mmgen_cpu.f32_gemv(x[:, :8], p, None, 20)
+            torch.ops.mmgen_cpu.panel_gemv(x[:, :8], p, None, 20)
         with self.assertRaisesRegex(RuntimeError, "do not fit"):
-            torch.ops.mmgen_cpu.f32_gemv(x, p, None, 33)
+            torch.ops.mmgen_cpu.panel_gemv(x, p, None, 33)
         with self.assertRaisesRegex(RuntimeError, "bias"):
-            torch.ops.mmgen_cpu.f32_gemv(x, p, torch.randn(19), 20)
+            torch.ops.mmgen_cpu.panel_gemv(x, p, torch.randn(19), 20)
 
     def test_fake_tensor_shape(self):
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         with FakeTensorMode():
             x, p = torch.empty(3, 64), torch.empty(2, 64, 16)
-            self.assertEqual(torch.ops.mmgen_cpu.f32_gemv(x, p, None, 30).shape, (3, 30))
+            self.assertEqual(torch.ops.mmgen_cpu.panel_gemv(x, p, None, 30).shape, (3, 30))
 
 
 class TestBuild(TestCase):

@@ -42,7 +42,7 @@ def _mlp() -> MLP:
 def _calls(fn) -> int:
     with torch.profiler.profile() as prof:
         fn()
-    return sum(e.count for e in prof.key_averages() if e.key == "mmgen_cpu::f32_gemv")
+    return sum(e.count for e in prof.key_averages() if e.key == "mmgen_cpu::panel_gemv")
 
 
 @unittest.skipUnless(AVAILABLE, "the CPU kernels could not be built here")
@@ -56,6 +56,22 @@ class TestGemvLinear(TestCase):
                     x = torch.randn(shape)
                     torch.testing.assert_close(g(x), lin(x), rtol=1e-5, atol=1e-5)
                     self.assertEqual(_calls(lambda g=g, x=x: g(x)), 1)
+
+    def test_bfloat16(self):
+        lin = nn.Linear(300, 700).bfloat16()
+        g = GemvLinear(lin)
+        x = torch.randn(4, 300).bfloat16()
+        with torch.no_grad():
+            out, ref = g(x), lin(x)
+            self.assertEqual(_calls(lambda: g(x)), 1)
+            # a float32 input to a bfloat16 layer goes to F.linear, which refuses it as
+            # nn.Linear does (no silent cast)
+            with self.assertRaises(RuntimeError):
+                lin(torch.randn(4, 300))
+            with self.assertRaises(RuntimeError):
+                g(torch.randn(4, 300))
+        self.assertEqual(out.dtype, torch.bfloat16)
+        torch.testing.assert_close(out.float(), ref.float(), rtol=2 ** -7, atol=2e-2)
 
     def test_more_rows_and_autograd_go_to_linear(self):
         lin = nn.Linear(256, 512)
@@ -88,9 +104,9 @@ class TestGemvLinear(TestCase):
         class MyLinear(nn.Linear):
             pass
 
-        model = nn.Sequential(nn.Linear(512, 512).bfloat16(), MyLinear(512, 512))
+        model = nn.Sequential(nn.Linear(512, 512).half(), MyLinear(512, 512))
         found = gemv_linears_(model)
-        self.assertIn("float32 only", found["0"])
+        self.assertIn("float32 and bfloat16", found["0"])
         self.assertIn("not a plain nn.Linear", found["1"])
         self.assertFalse(any(isinstance(m, GemvLinear) for m in model.modules()))
 
@@ -113,6 +129,56 @@ class TestGemvLinear(TestCase):
             # prefill-shaped input: the library path, same numbers as the original
             out = compiled(torch.randn(16, 1, 256))
         self.assertEqual(out.shape, (16, 1, 256))
+
+
+@unittest.skipUnless(AVAILABLE, "the CPU kernels could not be built here")
+class TestOptimizeGemvKernel(TestCase):
+    """``optimize(model, gemv_kernel=True)`` on a plain model: the static-cache decode
+    graph calls the kernel, greedy tokens equal eager's; the default leaves the model."""
+
+    def _model(self):
+        from torch_mmgen_opt import models
+
+        return models.build("llama", "tiny", dim=256, ffn_hidden=512, vocab_size=512)
+
+    def test_static_kv_decode_through_the_kernel(self):
+        import torch_mmgen_opt as mmgen
+        from torch_mmgen_opt.testing import greedy_reference
+
+        model = self._model()
+        ids = torch.randint(0, 512, (1, 7), generator=torch.Generator().manual_seed(1))
+        ref = greedy_reference(model, ids, 12)
+        counters.clear()
+        fast = mmgen.optimize(model, static_kv=True, max_seq_len=64, gemv_kernel=True)
+        swapped = [m for m in model.modules() if isinstance(m, GemvLinear)]
+        layers = model.config.n_layers
+        self.assertEqual(len(swapped), counters["mmgen"]["linear_gemv"])
+        # q, o and the FFN's three per layer, and the head; k and v (256x128, 32K
+        # elements) are under the size floor
+        self.assertEqual(len(swapped), 5 * layers + 1)
+        out = mmgen.generate(fast, ids, max_new_tokens=12)
+        self.assertEqual(out, ref)
+        calls = _calls(lambda: mmgen.generate(fast, ids, max_new_tokens=4))
+        # the prefill (7 rows, inside the kernel's row range) and 3 decode steps
+        self.assertEqual(calls, 4 * len(swapped))
+        long_ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(2))
+        calls = _calls(lambda: mmgen.generate(fast, long_ids, max_new_tokens=4))
+        # a 20-row prefill goes to F.linear: only the 3 decode steps call the kernel
+        self.assertEqual(calls, 3 * len(swapped))
+        self.assertEqual(mmgen.generate(fast, long_ids, max_new_tokens=6), greedy_reference(model, long_ids, 6))
+
+    def test_default_leaves_plain_models(self):
+        import torch_mmgen_opt as mmgen
+
+        model = self._model()
+        mmgen.optimize(model, static_kv=True, max_seq_len=64)
+        self.assertFalse(any(isinstance(m, GemvLinear) for m in model.modules()))
+
+    def test_bad_option(self):
+        from torch_mmgen_opt import OptimizeConfig
+
+        with self.assertRaises(TypeError):
+            OptimizeConfig(gemv_kernel="yes")
 
 
 if __name__ == "__main__":

@@ -386,7 +386,7 @@ class TestCompiledPipeline(TestCase):
     def test_gemv_kernel_runs_the_step(self):
         """With FFN and vocabulary large enough (>= 64K weight elements), the step's FFN
         and head linears go through our panel kernel (GemvLinear): every compiled step
-        calls mmgen_cpu::f32_gemv for them, decode_gemv has no matmul left to rewrite
+        calls mmgen_cpu::panel_gemv for them, decode_gemv has no matmul left to rewrite
         there, the smaller projections are left with their reason, and tokens stay
         identical to eager."""
         from torch_mmgen_opt.kernels import cpu_gemv
@@ -418,7 +418,7 @@ class TestCompiledPipeline(TestCase):
         opt.run_encoder(_fbank(40))
         with torch.profiler.profile() as prof:
             opt.run_decoder()
-        calls = sum(e.count for e in prof.key_averages() if e.key == "mmgen_cpu::f32_gemv")
+        calls = sum(e.count for e in prof.key_averages() if e.key == "mmgen_cpu::panel_gemv")
         self.assertEqual(calls, opt.steps_run * (2 * layers + 1))
 
     def test_decode_gemv_rewrites_the_step(self):

@@ -5,8 +5,9 @@
   ``(N,)`` float32: the weight-only int8 linear of a decode step
   (``kernels/quant.py``'s ``"int8"`` scheme). ``passes/decode_gemv.py`` puts it in place
   of ``aten._weight_int8pack_mm`` in compiled CPU decode graphs.
-- ``torch.ops.mmgen_cpu.f32_gemv(x, panels, bias, n)`` computes ``x @ W.T + bias`` in
-  float32 for a weight packed once into panels of 16 output features
+- ``torch.ops.mmgen_cpu.panel_gemv(x, panels, bias, n)`` computes ``x @ W.T + bias`` in
+  float32 or bfloat16 (accumulated in float32) for a weight packed once into panels of
+  16 output features
   (:func:`pack_panels`); ``kernels/gemv_linear.py``'s ``GemvLinear`` calls it for a decode
   step's few rows.
 
@@ -20,7 +21,7 @@ loads 8-bit data through a temporary buffer (``Vectorized<int8_t>::loadu(ptr, 8)
 2.9x slower than float32. This kernel widens 16 weights at a time with AVX2 and
 multiplies them into the ``M`` rows of ``x``.
 
-float32: MKL's few-row path and Inductor's multiply-reduce loop (``decode_gemv``) both
+float32 and bfloat16: MKL's few-row path and Inductor's multiply-reduce loop (``decode_gemv``) both
 walk the weight row by row and end every output feature with a horizontal sum of each
 row's accumulator. With the weight stored as panels of 16 features (feature fastest),
 one vector load of a panel serves every row with ``x[m, k]`` broadcast, there are no
@@ -56,11 +57,11 @@ import torch
 
 log = logging.getLogger("torch_mmgen_opt")
 
-__all__ = ["MAX_ROWS", "PANEL", "cache_token", "ensure_loaded", "f32_gemv", "int8_gemv", "is_loaded",
+__all__ = ["MAX_ROWS", "PANEL", "cache_token", "ensure_loaded", "panel_gemv", "int8_gemv", "is_loaded",
            "library_path", "pack_panels"]
 
 MAX_ROWS = 8
-PANEL = 16  # output features per panel of f32_gemv's packed weight
+PANEL = 16  # output features per panel of panel_gemv's packed weight
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_gemv.cpp"
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": False, "failed": None}
@@ -134,7 +135,7 @@ def _load(path: Path) -> None:
         torch._check(x.dim() == 2 and q.dim() == 2 and x.shape[1] == q.shape[1])
         return x.new_empty((x.shape[0], q.shape[0]))
 
-    @torch.library.register_fake("mmgen_cpu::f32_gemv")
+    @torch.library.register_fake("mmgen_cpu::panel_gemv")
     def _(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
         torch._check(x.dim() == 2 and panels.dim() == 3 and x.shape[1] == panels.shape[1])
         return x.new_empty((x.shape[0], n))
@@ -180,21 +181,71 @@ def cache_token() -> str:
     return f"cpu_gemv:{int(is_loaded())}"
 
 
+# The wrappers check their arguments here, in Python, with the error a user mistake
+# deserves (TypeError / ValueError), before the library's own TORCH_CHECKs: on the lent
+# GPU image (torch 2.11+cu130, CXX=/opt/gcc/bin/g++) a C++ exception thrown from any
+# extension library, torch's own load_inline included, segfaulted the process (2026-12-04).
+def _check_cpu(name: str, **tensors: torch.Tensor) -> None:
+    for arg, t in tensors.items():
+        if t.device.type != "cpu":
+            raise ValueError(f"{name}: {arg} is on {t.device}; pass CPU tensors")
+
+
+def _check_rows(name: str, x: torch.Tensor) -> None:
+    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS:
+        raise ValueError(f"{name}: x must be (M, K) with 1 to {MAX_ROWS} rows, got shape "
+                         f"{tuple(x.shape)}; use torch's op for more rows")
+
+
+def _check_int8_args(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> None:
+    name = "int8_gemv"
+    if x.dtype != torch.float32 or scales.dtype != torch.float32 or q.dtype != torch.int8:
+        raise TypeError(f"{name}: float32 x and scales and an int8 q, got {x.dtype}, "
+                        f"{scales.dtype} and {q.dtype}")
+    _check_cpu(name, x=x, q=q, scales=scales)
+    _check_rows(name, x)
+    if q.dim() != 2 or scales.dim() != 1 or q.shape[1] != x.shape[1] or scales.shape[0] != q.shape[0]:
+        raise ValueError(f"{name}: shapes do not match: x {tuple(x.shape)}, q {tuple(q.shape)} "
+                         f"(N, K), scales {tuple(scales.shape)} (N,)")
+
+
+def _check_panel_args(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, n: int) -> None:
+    name = "panel_gemv"
+    if panels.dtype not in (torch.float32, torch.bfloat16) or x.dtype != panels.dtype:
+        raise TypeError(f"{name}: float32 or bfloat16 x and panels of the same dtype, got "
+                        f"{x.dtype} and {panels.dtype}")
+    _check_cpu(name, x=x, panels=panels)
+    if x.dim() != 2:
+        raise ValueError(f"{name}: x must be (M, K), got shape {tuple(x.shape)}")
+    if panels.dim() != 3 or panels.shape[2] != PANEL or panels.shape[1] != x.shape[1]:
+        raise ValueError(f"{name}: x has {x.shape[1]} features; panels must be (P, {x.shape[1]}, "
+                         f"{PANEL}) from pack_panels, got {tuple(panels.shape)}")
+    p = panels.shape[0]
+    if not (p - 1) * PANEL < n <= p * PANEL:
+        raise ValueError(f"{name}: {n} outputs do not fit {p} panels of {PANEL}; pass the "
+                         "weight's row count")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n or bias.dtype != panels.dtype
+                             or bias.device.type != "cpu"):
+        raise ValueError(f"{name}: bias must be ({n},) of {panels.dtype} on the CPU, got "
+                         f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
+
+
 def int8_gemv(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``(x @ q.T) * scales`` through the kernel (see the module docstring)."""
+    _check_int8_args(x, q, scales)
     if not ensure_loaded():
         raise RuntimeError(f"the int8 CPU kernel is unavailable: {_state['failed']}")
     return torch.ops.mmgen_cpu.int8_gemv(x, q, scales)
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
-    """``W (N, K)`` -> ``(ceil(N / 16), K, 16)`` float32 panels, ``panels[p, k, j] =
-    W[16 p + j, k]``, zero past ``N``: :func:`f32_gemv`'s layout (a copy; the weight
+    """``W (N, K)`` -> ``(ceil(N / 16), K, 16)`` panels of its dtype, ``panels[p, k, j] =
+    W[16 p + j, k]``, zero past ``N``: :func:`panel_gemv`'s layout (a copy; the weight
     is not changed)."""
     if weight.dim() != 2:
         raise ValueError(f"pack_panels: expected a (N, K) weight, got shape {tuple(weight.shape)}")
-    if weight.dtype != torch.float32:
-        raise TypeError(f"pack_panels: float32 weights only, got {weight.dtype}")
+    if weight.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"pack_panels: float32 or bfloat16 weights, got {weight.dtype}")
     n, k = weight.shape
     p = -(-n // PANEL)
     padded = weight.detach().new_zeros(p * PANEL, k)
@@ -202,11 +253,12 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(p, PANEL, k).transpose(1, 2).contiguous()
 
 
-def f32_gemv(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+def panel_gemv(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
     """``x (M, K) @ W.T + bias`` for ``panels = pack_panels(W)`` with ``n`` rows of ``W``."""
+    _check_panel_args(x, panels, bias, n)
     if not ensure_loaded():
         raise RuntimeError(f"the CPU matrix-vector kernels are unavailable: {_state['failed']}")
-    return torch.ops.mmgen_cpu.f32_gemv(x, panels, bias, n)
+    return torch.ops.mmgen_cpu.panel_gemv(x, panels, bias, n)
 
 
 def _load_if_built() -> None:

@@ -1,10 +1,10 @@
-"""float32 ``nn.Linear`` of a CPU decode step through our panel matrix-vector kernel.
+"""float32 / bfloat16 ``nn.Linear`` of a CPU decode step through our panel kernel.
 
 A decode step multiplies a few rows (one token, or one per beam) by every weight and is
 bound by reading the weights. :class:`GemvLinear` keeps the layer's ``weight`` and
 ``bias`` Parameters and a copy of the weight packed once into panels of 16 output
 features (``kernels/cpu_gemv.py: pack_panels``); a call with at most
-``cpu_gemv.MAX_ROWS`` rows goes through ``mmgen_cpu::f32_gemv``, which streams each
+``cpu_gemv.MAX_ROWS`` rows goes through ``mmgen_cpu::panel_gemv``, which streams each
 panel once for every row with no horizontal sums; more rows (a prefill, the text-to-unit
 stage) go through ``F.linear`` on the original weight. In a compiled graph the row count
 is static, so only one branch is traced, and the op is one extern call.
@@ -15,7 +15,8 @@ loops, but its loops end every output feature with horizontal sums; measured in
 ``docs/passes/decode_gemv.md``.
 
 Exactness: another summation order than ``F.linear``: float32 rounding only (tested at
-the shapes of a decode step). Contract: weights are constant after packing (inference),
+the shapes of a decode step). bfloat16 is accumulated in float32 and rounded once, as
+the library's bfloat16 GEMM does. Contract: weights are constant after packing (inference),
 as with ``kernels/packed_linear.py``; a packed layer holds its weight twice.
 """
 
@@ -41,7 +42,7 @@ MIN_WEIGHT = 1 << 16
 
 
 class GemvLinear(nn.Module):
-    """Drop-in for a float32 CPU ``nn.Linear`` whose calls have at most
+    """Drop-in for a float32 or bfloat16 CPU ``nn.Linear`` whose calls have at most
     ``cpu_gemv.MAX_ROWS`` rows (see the module docstring)."""
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -55,12 +56,12 @@ class GemvLinear(nn.Module):
         rows = math.prod(x.shape[:-1])
         if (
             rows > cpu_gemv.MAX_ROWS
-            or x.dtype != torch.float32
+            or x.dtype != self.weight.dtype
             or x.device.type != "cpu"
             or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
         ):
             return F.linear(x, self.weight, self.bias)  # traced away when not taken
-        y = torch.ops.mmgen_cpu.f32_gemv(x.reshape(rows, self.in_features), self.panels,
+        y = torch.ops.mmgen_cpu.panel_gemv(x.reshape(rows, self.in_features), self.panels,
                                          self.bias, self.out_features)
         return y.view(*x.shape[:-1], self.out_features)
 
@@ -77,8 +78,8 @@ def _reason_not_eligible(mod: nn.Module) -> str | None:
     w = mod.weight
     if w.device.type != "cpu":
         return f"on {w.device.type}: the kernel is for CPU"
-    if w.dtype != torch.float32:
-        return f"{w.dtype}: the kernel is float32 only"
+    if w.dtype not in (torch.float32, torch.bfloat16):
+        return f"{w.dtype}: the kernel is for float32 and bfloat16"
     if w.numel() < MIN_WEIGHT:
         return f"{w.shape[0]}x{w.shape[1]} weight: small weights stay in cache, where F.linear is as good"
     return None
@@ -86,7 +87,7 @@ def _reason_not_eligible(mod: nn.Module) -> str | None:
 
 def gemv_linears_(root: nn.Module, report: Any = None, prefix: str = "") -> dict[str, str]:
     """Swap, in place, the eligible ``nn.Linear`` submodules of ``root`` for
-    :class:`GemvLinear`: plain ``nn.Linear``, float32, on CPU, at least ``MIN_WEIGHT``
+    :class:`GemvLinear`: plain ``nn.Linear``, float32 or bfloat16, on CPU, at least ``MIN_WEIGHT``
     weight elements. Nothing is swapped if the kernel cannot be built here.
 
     Returns ``{layer name: "gemv" or the reason it was left}``; counters

@@ -594,7 +594,7 @@ class OptimizedSeamless:
         (``kernels/gemv_linear.py``), in a copy of its own: the stages that run more
         rows (T2U, the cross K/V projections) keep theirs. Where the kernel cannot be
         built, the layers stay and ``decode_gemv`` rewrites their matmuls."""
-        if not self._gemv_kernel_default:
+        if not self._gemv_kernel_default or self.config.gemv_kernel is False:
             return
         from ..kernels.gemv_linear import gemv_linears_
 
