@@ -4,8 +4,7 @@
 # (logs, result tables) lands under $OUT; the last lines printed are a short summary.
 #
 #   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=480)
-#   STEPS="tests harness" bash benchmarks/gpu_session.sh   # a subset (next: the HSTU and
-#                                                           # searchsorted CUDA tests, 7B harness)
+#   STEPS="tests harness" bash benchmarks/gpu_session.sh   # a subset
 #
 # The device image has torch 2.11 + CUDA and Triton but no network: the package goes in
 # without dependencies; expecttest (needed by torch's TestCase) comes from .whl/ when the
@@ -49,9 +48,10 @@ $PY -c "import torch, triton; print(torch.__version__, torch.version.cuda, trito
 for s in $STEPS; do
     case $s in
         tests)  # tests/test_cuda.py and the CUDA tests beside the CPU ones (skipped on CPU),
-            # and the int8 CPU kernel's tests: its build against this image's torch headers
-            step tests 100 $PY -m pytest -q -rs -n 4 --tb=short -p no:cacheprovider tests \
-                -k "cuda or Triton or speech_encoder or Int8Gemv or TestBuild" ;;
+            # the searchsorted-over-a-slice pass, and the CPU kernels' tests (int8 and panel
+            # gemv, GemvLinear): their build against this image's torch headers
+            step tests 280 $PY -m pytest -q -rs -n 8 --tb=short -p no:cacheprovider tests \
+                -k "cuda or Triton or speech_encoder or Int8Gemv or TestBuild or PanelGemv or GemvLinear or GemvKernel or Searchsorted" ;;
         seamless)  # the published large shapes, bf16, per stage and end to end
             step seamless 300 $PY -m benchmarks.bench_seamless --device cuda --size large \
                 --dtype bfloat16 --repeats 3 ;;
