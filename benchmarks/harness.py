@@ -127,9 +127,13 @@ def _is_causal_lm(model: nn.Module) -> bool:
 
 def weight_bytes(module: nn.Module) -> int:
     """Bytes of weights read per decode step: parameters and buffers (quantized ones
-    included), each storage once, not KV caches, not embedding tables (one row each)."""
+    included), each storage once, not KV caches, not embedding tables (one row each); a
+    ``GemvLinear``'s step reads its panels, not the float weight it keeps for more rows."""
+    from torch_mmgen_opt.kernels.gemv_linear import GemvLinear
+
     lookups = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
     matmuls = {id(m.weight) for m in module.modules() if isinstance(m, nn.Linear)}
+    lookups |= {id(m.weight) for m in module.modules() if isinstance(m, GemvLinear)}
     seen, total = set(), 0
     tensors = list(module.named_parameters(remove_duplicate=False))
     tensors += list(module.named_buffers(remove_duplicate=False))

@@ -76,6 +76,13 @@ class TestHarness(TestCase):
         self.assertEqual(harness.weight_bytes(Tied()), 10 * 4 * 4)  # once, cache excluded
         emb = nn.Embedding(1000, 8)
         self.assertEqual(harness.weight_bytes(emb), 0)  # a lookup reads one row
+        # optimize(gemv_kernel=True) holds each big weight twice; a step reads the panels
+        from torch_mmgen_opt.kernels import cpu_gemv
+        from torch_mmgen_opt.kernels.gemv_linear import GemvLinear
+
+        if cpu_gemv.ensure_loaded():
+            lin = nn.Linear(256, 300, bias=False)  # 300 outputs: 19 panels of 16 (304)
+            self.assertEqual(harness.weight_bytes(nn.Sequential(GemvLinear(lin))), 304 * 256 * 4)
         model = mmgen.models.build("llama", "tiny")
         cfg = model.config
         kv = harness.kv_bytes_per_step(model, batch=1, prompt_len=8, new_tokens=4)
